@@ -1,0 +1,29 @@
+"""llmkernels: fused attention, LayerNorm and GELU kernels (CUDA and Triton) for training
+GPTs, each behind one function with a plain-PyTorch reference it falls back to.
+
+    import llmkernels
+    out = llmkernels.flash_attention(q, k, v, causal=True)       # (B, H, S, D)
+    y = llmkernels.layer_norm(x, weight, bias, eps=1e-5)
+    y = llmkernels.gelu(x)                                       # tanh approximation
+    y = llmkernels.bias_gelu(x, bias)
+    llmkernels.available_backends()   # which of cuda / triton / reference run here, and why not
+"""
+from .attention import flash_attention, flash_attention_reference
+from .backends import BACKENDS, BackendUnavailableError, available_backends, explain
+from .gelu import bias_gelu, bias_gelu_reference, gelu, gelu_reference
+from .layer_norm import layer_norm, layer_norm_reference
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "bias_gelu",
+    "bias_gelu_reference",
+    "explain",
+    "flash_attention",
+    "flash_attention_reference",
+    "gelu",
+    "gelu_reference",
+    "layer_norm",
+    "layer_norm_reference",
+]

@@ -1,0 +1,156 @@
+"""Causal (or full) scaled dot-product attention on (batch, heads, seq, head_dim):
+
+    out = softmax(q @ k^T * scale + causal_mask) @ v
+
+The fused kernels (csrc/flash_attention.cu, llmkernels/triton/attention.py) never form
+the (seq x seq) score matrix: they stream key/value tiles with an online softmax and
+save one log-sum-exp per query row (lse) so the backward pass can recompute the scores.
+This file holds the plain-PyTorch reference, the fake and autograd registrations of the
+fused ops and the public function.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from . import backends
+from .validation import check_same_device, check_same_dtype, check_tensor
+
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+if backends.TRITON_IMPORTABLE:
+    from .triton import attention as triton_attention
+
+
+# ----------------------------------------------------------------------------- reference
+def causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """(query_len, key_len) bool, True where query i may attend to key j.
+
+    Aligned bottom-right: query i sees keys j <= i + (key_len - query_len), so with a KV
+    cache the newest query sees every cached key, and query_len == key_len is the
+    ordinary lower-triangular mask."""
+    visible = torch.ones(query_len, key_len, dtype=torch.bool, device=device)
+    return visible.tril(diagonal=key_len - query_len)
+
+
+def flash_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Attention written out in plain PyTorch (materialises the scores), in at least fp32.
+
+    q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D) with H a multiple of Hkv (grouped-query
+    attention: each group of H // Hkv query heads shares one key/value head)."""
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, key_len = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    q_, k_, v_ = (t.to(compute_dtype) for t in (q, k, v))
+    if kv_heads != heads:
+        k_ = k_.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Sk, D)
+        v_ = v_.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Sk, D)
+    scores = (q_ @ k_.transpose(-2, -1)) * scale  # (B, H, Sq, D) @ (B, H, D, Sk) -> (B, H, Sq, Sk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(query_len, key_len, q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # (B, H, Sq, Sk), each row sums to 1
+    out = probs @ v_  # (B, H, Sq, Sk) @ (B, H, Sk, D) -> (B, H, Sq, D)
+    return out.to(q.dtype)
+
+
+# ------------------------------------------------------- fused ops: fake + autograd
+def _register_fake_cuda_ops() -> None:
+    @torch.library.register_fake("llmkernels::flash_attention_forward")
+    def _(q, k, v, causal, scale):
+        batch, heads, seq, _ = q.shape
+        return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+
+    @torch.library.register_fake("llmkernels::flash_attention_backward")
+    def _(grad_out, q, k, v, out, lse, causal, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _register_autograd(backend: str) -> None:
+    forward_name = "llmkernels::" + backends.FUSED_OP_PREFIX[backend] + "flash_attention_forward"
+    attention_backward = backends.fused_op(backend, "flash_attention_backward")
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return grad_q, grad_k, grad_v, None, None
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+if backends.CUDA_EXTENSION_LOADED:
+    _register_fake_cuda_ops()
+for _backend in backends.registered_fused_backends():
+    _register_autograd(_backend)
+
+
+# ------------------------------------------------------------------------- dispatch
+def _flash_attention_unsupported(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+    if backend == "reference":
+        return None
+    if q.shape[2] != k.shape[2]:
+        return f"query length {q.shape[2]} differs from key length {k.shape[2]} (KV-cache decoding)"
+    if backend == "triton":
+        return triton_attention.supports_flash_attention(q, k, v)
+    if q.device.type != "cuda":
+        return f"q is on {q.device}, the CUDA kernels need CUDA tensors"
+    if q.dtype not in CUDA_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16)"
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported {CUDA_HEAD_DIMS}"
+    if k.shape[1] != q.shape[1]:
+        return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key/value heads) is not supported"
+    return None
+
+
+backends.register_support_check("flash_attention", _flash_attention_unsupported)
+
+
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    for name, t in (("k", k), ("v", v)):
+        check_same_dtype(name, t, "q", q)
+        check_same_device(name, t, "q", q)
+    batch, heads, query_len, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k must have shape (batch={batch}, kv_heads, key_len, head_dim={head_dim}) like q, got {tuple(k.shape)}"
+        )
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"the heads of q ({heads}) must be a multiple of the heads of k ({k.shape[1]})")
+    if causal and query_len > k.shape[2]:
+        raise ValueError(f"causal attention needs query length ({query_len}) <= key length ({k.shape[2]})")
+    if min(q.shape) == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k must not be empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D) -> (B, H, Sq, D).
+
+    scale defaults to 1/sqrt(D); the causal mask is aligned bottom-right (see causal_mask)."""
+    _check_attention_inputs(q, k, v, causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    chosen = backends.select_backend("flash_attention", backend, q, k, v)
+    if chosen == "reference":
+        return flash_attention_reference(q, k, v, causal, scale)
+    out, _lse = backends.fused_op(chosen, "flash_attention_forward")(q, k, v, causal, scale)
+    return out

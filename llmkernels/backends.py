@@ -1,0 +1,137 @@
+"""Which backends can run here, and which one a call should use.
+
+Three backends implement every op:
+  "cuda"      hand-written CUDA kernels in the compiled extension `llmkernels._C`
+  "triton"    Triton kernels (llmkernels/triton/); on CPU only under TRITON_INTERPRET=1
+  "reference" plain PyTorch, written to be read; runs anywhere and is the test oracle
+
+`backend="auto"` takes the first of them that can run the given inputs. The environment
+variable LLMKERNELS_BACKEND replaces "auto" (e.g. LLMKERNELS_BACKEND=reference turns every
+kernel off); an explicit backend argument always wins over it.
+"""
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+BACKEND_ENV_VAR = "LLMKERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs."""
+
+
+def _probe_cuda_extension() -> tuple[bool, bool, str]:
+    """Returns (extension_loaded, usable, reason it is not usable)."""
+    try:
+        importlib.import_module("llmkernels._C")  # importing registers the CUDA kernels
+    except ImportError as error:
+        return False, False, f"the CUDA extension llmkernels._C is not built or failed to load ({error})"
+    if not torch.cuda.is_available():
+        return True, False, "the CUDA extension is built, but no CUDA device is available"
+    return True, True, ""
+
+
+def _probe_triton() -> tuple[bool, bool, str]:
+    """Returns (triton_importable, usable, reason it is not usable)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False, False, "triton is not installed"
+    if torch.cuda.is_available():
+        return True, True, ""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, True, ""
+    return True, False, "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU)"
+
+
+# Probed once at import: the answers cannot change within a process, and plain module
+# constants keep the dispatch code free of graph breaks under torch.compile.
+CUDA_EXTENSION_LOADED, _CUDA_USABLE, _CUDA_REASON = _probe_cuda_extension()
+TRITON_IMPORTABLE, _TRITON_USABLE, _TRITON_REASON = _probe_triton()
+_STATUS = {
+    "cuda": (_CUDA_USABLE, _CUDA_REASON),
+    "triton": (_TRITON_USABLE, _TRITON_REASON),
+    "reference": (True, ""),
+}
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """{backend: (usable here, reason if not)}, e.g. {"cuda": (False, "no CUDA device ...")}."""
+    return dict(_STATUS)
+
+
+def _requested_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV_VAR, "auto") or "auto"
+        source = f"environment variable {BACKEND_ENV_VAR}"
+    else:
+        source = "argument backend"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"{source} must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+# op name -> check(backend, *op_args) returning None if that backend can run the call,
+# else the reason it cannot ("head_dim 96 is not supported (64, 128)"). Each op module
+# registers its own; the reference backend always accepts valid input.
+_SUPPORT_CHECKS: dict[str, Callable[..., Optional[str]]] = {}
+
+
+def register_support_check(op: str, check: Callable[..., Optional[str]]) -> None:
+    _SUPPORT_CHECKS[op] = check
+
+
+def explain(op: str, *args, **kwargs) -> dict[str, Optional[str]]:
+    """Why each backend would or would not run this call: {backend: None or reason}.
+
+    Example: explain("flash_attention", q, k, v) -> {"cuda": "no CUDA device ...",
+    "triton": "...", "reference": None}. The first backend with None is what "auto" picks.
+    """
+    check = _SUPPORT_CHECKS[op]
+    reasons = {}
+    for name in BACKENDS:
+        usable, reason = _STATUS[name]
+        reasons[name] = check(name, *args, **kwargs) if usable else reason
+    return reasons
+
+
+def select_backend(op: str, backend: str, *args, **kwargs) -> str:
+    """The backend that runs `op` on these arguments: the requested one, or for "auto"
+    the first in BACKENDS whose support check passes. An explicit backend that cannot
+    run the call raises BackendUnavailableError with the reason."""
+    backend = _requested_backend(backend)
+    check = _SUPPORT_CHECKS[op]
+    if backend == "auto":
+        for name in BACKENDS:
+            if _STATUS[name][0] and check(name, *args, **kwargs) is None:
+                return name
+        raise AssertionError(f"{op}: the reference backend must accept every valid input")
+    usable, reason = _STATUS[backend]
+    if usable:
+        reason = check(backend, *args, **kwargs)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {reason}")
+    return backend
+
+
+# The fused backends implement the same schemas (csrc/register.cpp); the Triton ones
+# carry a prefix: llmkernels::gelu_forward (CUDA) and llmkernels::triton_gelu_forward.
+FUSED_OP_PREFIX = {"cuda": "", "triton": "triton_"}
+
+
+def registered_fused_backends() -> list[str]:
+    """The fused backends whose ops exist in this process (whether or not they can run)."""
+    registered = []
+    if CUDA_EXTENSION_LOADED:
+        registered.append("cuda")
+    if TRITON_IMPORTABLE:
+        registered.append("triton")
+    return registered
+
+
+def fused_op(backend: str, name: str):
+    """torch.ops.llmkernels.<name> of a fused backend, e.g. fused_op("triton", "gelu_forward")."""
+    return getattr(torch.ops.llmkernels, FUSED_OP_PREFIX[backend] + name)

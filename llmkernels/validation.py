@@ -1,0 +1,35 @@
+"""Input checks shared by the public ops: every message names the argument and what was
+expected, so bad input fails here with a readable error instead of inside a kernel."""
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:
+    """`value` must be a floating-point tensor, with exactly `ndim` or at least `min_ndim` dims."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(value.shape)}")
+
+
+def check_same_device(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if value.device != other.device:
+        raise ValueError(f"{name} must be on the same device as {other_name} ({other.device}), got {value.device}")
+
+
+def check_same_dtype(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if value.dtype != other.dtype:
+        raise TypeError(f"{name} must have the same dtype as {other_name} ({other.dtype}), got {value.dtype}")
+
+
+def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
+    """`meaning` says where the expected shape comes from, e.g. "(hidden,) of x"."""
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} {meaning}, got {tuple(value.shape)}")

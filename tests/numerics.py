@@ -1,0 +1,39 @@
+"""The numerics rule of design.md, adopted from the flash-attention test suite.
+
+A kernel's output y in precision p passes when
+
+    max|y - y_ref64| <= factor * max|y_torch_p - y_ref64| + floor
+
+where y_ref64 is the reference computed in float64 and y_torch_p is PyTorch's own op
+(F.gelu, F.layer_norm, SDPA/plain attention) run in the same precision p as the kernel:
+the kernel may be at most `factor` times less accurate than PyTorch itself. Outputs use
+factor 2, gradients factor 3. `floor` absorbs rounding noise when PyTorch's error is ~0.
+"""
+import torch
+
+OUTPUT_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+
+
+def max_abs_error(actual: torch.Tensor, reference_fp64: torch.Tensor) -> float:
+    return (actual.double() - reference_fp64.double()).abs().max().item()
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor,
+    torch_low_precision: torch.Tensor,
+    reference_fp64: torch.Tensor,
+    *,
+    factor: float = OUTPUT_FACTOR,
+    floor: float = 1e-5,
+    name: str = "output",
+) -> None:
+    assert actual.shape == reference_fp64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference_fp64.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: has NaN or inf"
+    error = max_abs_error(actual, reference_fp64)
+    torch_error = max_abs_error(torch_low_precision, reference_fp64)
+    bound = factor * torch_error + floor
+    assert error <= bound, (
+        f"{name}: max error {error:.3e} vs float64 exceeds {factor}x PyTorch's own error "
+        f"{torch_error:.3e} + floor {floor:.1e} (bound {bound:.3e})"
+    )
