@@ -62,11 +62,11 @@ def _register_fake_cuda_ops() -> None:
     @torch.library.register_fake("llmkernels::flash_attention_forward")
     def _(q, k, v, causal, scale):
         batch, heads, seq, _ = q.shape
-        return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
+        return q.new_empty(q.shape), q.new_empty((batch, heads, seq), dtype=torch.float32)
 
     @torch.library.register_fake("llmkernels::flash_attention_backward")
     def _(grad_out, q, k, v, out, lse, causal, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _register_autograd(backend: str) -> None:

@@ -43,19 +43,19 @@ def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def _register_fake_cuda_ops() -> None:
     @torch.library.register_fake("llmkernels::gelu_forward")
     def _(x):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("llmkernels::gelu_backward")
     def _(grad_out, x):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("llmkernels::bias_gelu_forward")
     def _(x, bias):
-        return torch.empty_like(x)
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("llmkernels::bias_gelu_backward")
     def _(grad_out, x, bias):
-        return torch.empty_like(x), bias.new_empty(bias.shape, dtype=torch.float32)
+        return x.new_empty(x.shape), bias.new_empty(bias.shape, dtype=torch.float32)
 
 
 def _register_autograd(backend: str) -> None:

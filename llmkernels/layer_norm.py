@@ -39,12 +39,12 @@ def _register_fake_cuda_ops() -> None:
     def _(x, weight, bias, eps):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         stats = x.new_empty((rows,), dtype=torch.float32)
-        return torch.empty_like(x), stats, torch.empty_like(stats)
+        return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
     @torch.library.register_fake("llmkernels::layer_norm_backward")
     def _(grad_out, x, weight, mean, rstd):
         per_column = x.new_empty((x.shape[-1],), dtype=torch.float32)
-        return torch.empty_like(x), per_column, torch.empty_like(per_column)
+        return x.new_empty(x.shape), per_column, per_column.new_empty(per_column.shape)
 
 
 def _register_autograd(backend: str) -> None:

@@ -1,0 +1,720 @@
+// LayerNorm over the last dimension, forward and backward, for float32 / float16 / bfloat16 x with
+// optional weight and bias (in x's dtype or float32).
+//
+//   forward:   y = (x - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var + eps)  (biased var);
+//              mean and rstd (fp32, one per row) are saved for the backward.
+//   backward:  xhat = (x - mean) * rstd,  g = grad_out * weight,
+//              grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat))   (means over the row),
+//              grad_weight = sum over rows of grad_out * xhat,
+//              grad_bias = sum over rows of grad_out.
+//
+// Memory bound. The minimum traffic is one read of x and one write of y (forward; 4 bytes per
+// element in bf16) and one read of x and grad_out plus one write of grad_x (backward; 6 bytes);
+// mean, rstd, weight and the partial sums are O(rows + cols). The kernels reach that minimum by
+// holding each row in registers (raw 16-byte vectors; the math in fp32) between the statistics
+// and the output, with 16-byte loads and stores. Three shapes, picked per row length in 16-byte
+// vectors (8 bf16/fp16 or 4 fp32):
+//
+//   warp-per-row   <= 128 vectors (1024 bf16/fp16, 512 fp32: GPT-2's 768 and 1024): a block of
+//                  8 warps works on 8 rows, one per warp, <= 4 vectors per lane in registers;
+//                  the row sums are warp shuffles only (no shared memory, no barriers).
+//   block-per-row  <= 1024 vectors (8192 bf16/fp16, 4096 fp32): one block of 160-256 threads per
+//                  row, <= 4 vectors per thread in registers, sums through block_reduce_sum.
+//   looped         longer rows, and rows that are not whole aligned vectors (odd hidden sizes,
+//                  views starting at an odd element: the scalar path, 1-element accesses). The
+//                  row does not fit in registers, so the forward reads it three times (sum,
+//                  squared deviations from the mean, normalise: the same exact two-pass variance)
+//                  and the backward's grad_x kernel twice; only the first read must come from
+//                  DRAM, the block re-reads its row right away, from L2 (50 MB on H100) while
+//                  the rows in flight fit there (bf16 rows up to ~16K). The backward adds a
+//                  column-tiled kernel for grad_weight/grad_bias (one more read of x and grad_out).
+//
+// Every kernel grid-strides over rows on a persistent grid (as many blocks as are resident), so
+// any number of rows launches and the backward's partial buffers stay small: each thread keeps
+// the same columns for all of its rows and accumulates grad_weight/grad_bias in registers, the
+// block writes one fp32 partial row, and sum_partial_rows_kernel adds the partial rows in a fixed
+// order. No atomics: the backward is bitwise reproducible.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "vector_io.cuh"
+
+namespace llmkernels {
+namespace {
+
+constexpr int kRowKernelThreads = 256;   // register kernels: block size (warp-per-row: 8 warps)
+constexpr int kWarpsPerBlock = kRowKernelThreads / kWarpSize;
+constexpr int kMaxVecsPerThread = 4;     // register kernels: vectors of a row held per thread
+constexpr int kLoopedThreads = 256;      // looped kernels: max block size
+
+// weight/bias values for columns [col, col + kVec): `absent` (1 for weight, 0 for bias) when the
+// optional parameter is not given.
+template <int kVec, typename P>
+__device__ __forceinline__ void load_param(const P* __restrict__ param, int col, float absent,
+                                           float (&dst)[kVec]) {
+  if (param == nullptr) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) dst[j] = absent;
+  } else {
+    load_floats<kVec>(param + col, dst);
+  }
+}
+
+// The threads that share one row in the register kernels: a warp (kWarpPerRow, 8 rows per block)
+// or the whole block. `rank` is this thread's index within the team; a row's vector v belongs to
+// rank v % size. Every rank keeps the same vectors (columns) for all rows.
+template <bool kWarpPerRow>
+struct RowTeam {
+  int rank;
+  int size;
+  int64_t first_row;
+  int64_t row_stride;
+
+  __device__ __forceinline__ RowTeam() {
+    if constexpr (kWarpPerRow) {
+      rank = threadIdx.x % kWarpSize;
+      size = kWarpSize;
+      first_row = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+      row_stride = int64_t(gridDim.x) * kWarpsPerBlock;
+    } else {
+      rank = threadIdx.x;
+      size = blockDim.x;
+      first_row = blockIdx.x;
+      row_stride = gridDim.x;
+    }
+  }
+
+  // Sums over the team; every member gets the totals. scratch: kCount * 32 floats of shared
+  // memory (block teams only).
+  template <int kCount>
+  __device__ __forceinline__ void sum(float (&vals)[kCount], float* scratch) const {
+    if constexpr (kWarpPerRow) {
+      warp_reduce_sum(vals);
+    } else {
+      block_reduce_sum(vals, scratch);
+    }
+  }
+};
+
+// Forward, row in registers (warp-per-row or block-per-row). Each thread loads its <= 4 vectors
+// of the row once and keeps them as raw 16-byte vectors (half the registers of fp32 values for
+// bf16/fp16); the team sums them for the mean, then sums the squared deviations from the same
+// registers (an exact two-pass variance with one read of x), then writes y from them. At least
+// 4 blocks per SM (<= 64 registers, no spills): 32 warps keep enough loads in flight.
+template <typename T, typename P, bool kWarpPerRow, int kVecsPerThread>
+__global__ void __launch_bounds__(kRowKernelThreads, 4)
+    layer_norm_forward_kernel(const T* __restrict__ x, const P* __restrict__ weight,
+                              const P* __restrict__ bias, T* __restrict__ out,
+                              float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                              int64_t rows, int cols, float eps) {
+  constexpr int kVec = kVecElems<T>;
+  __shared__ float scratch[kWarpSize];
+  const RowTeam<kWarpPerRow> team;
+  const int num_vecs = cols / kVec;
+  for (int64_t row = team.first_row; row < rows; row += team.row_stride) {
+    const int64_t row_offset = row * cols;
+    int4 x_raw[kVecsPerThread];
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      const int vec = team.rank + i * team.size;
+      if (vec < num_vecs) x_raw[i] = load_vector(x + row_offset + vec * kVec);
+    }
+    float sum[1] = {0.0f};
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      if (team.rank + i * team.size < num_vecs) {
+        float vals[kVec];
+        unpack_floats<T>(x_raw[i], vals);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) sum[0] += vals[j];
+      }
+    }
+    team.sum(sum, scratch);
+    const float row_mean = sum[0] / cols;
+    float sum_sq[1] = {0.0f};
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      if (team.rank + i * team.size < num_vecs) {
+        float vals[kVec];
+        unpack_floats<T>(x_raw[i], vals);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float d = vals[j] - row_mean;
+          sum_sq[0] += d * d;
+        }
+      }
+    }
+    team.sum(sum_sq, scratch);
+    const float row_rstd = rsqrtf(sum_sq[0] / cols + eps);
+    if (team.rank == 0) {
+      mean_out[row] = row_mean;
+      rstd_out[row] = row_rstd;
+    }
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      const int vec = team.rank + i * team.size;
+      if (vec < num_vecs) {
+        const int col = vec * kVec;
+        float vals[kVec], w[kVec], b[kVec];
+        unpack_floats<T>(x_raw[i], vals);
+        load_param(weight, col, 1.0f, w);
+        load_param(bias, col, 0.0f, b);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) vals[j] = (vals[j] - row_mean) * row_rstd * w[j] + b[j];
+        store_floats<kVec>(out + row_offset + col, vals);
+      }
+    }
+  }
+}
+
+// Forward for rows that do not fit in registers, or are not whole aligned vectors (kVec == 1).
+// One block per row, three reads of the row: the sum (mean), the sum of squared deviations from
+// that mean (the exact two-pass variance, as accurate as the register kernels), and the
+// normalisation. Only the first read is certain to come from DRAM: the block re-reads its row
+// right away, while it is still in L2 unless the rows in flight exceed L2.
+template <typename T, typename P, int kVec>
+__global__ void __launch_bounds__(kLoopedThreads)
+    layer_norm_forward_looped_kernel(const T* __restrict__ x, const P* __restrict__ weight,
+                                     const P* __restrict__ bias, T* __restrict__ out,
+                                     float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                     int64_t rows, int cols, float eps) {
+  __shared__ float scratch[kWarpSize];
+  const int num_vecs = cols / kVec;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* x_row = x + row * cols;
+    float sum[1] = {0.0f};
+    for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
+      float vals[kVec];
+      load_floats<kVec>(x_row + vec * kVec, vals);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) sum[0] += vals[j];
+    }
+    block_reduce_sum(sum, scratch);
+    const float row_mean = sum[0] / cols;
+    float sum_sq[1] = {0.0f};
+    for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
+      float vals[kVec];
+      load_floats<kVec>(x_row + vec * kVec, vals);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float d = vals[j] - row_mean;
+        sum_sq[0] += d * d;
+      }
+    }
+    block_reduce_sum(sum_sq, scratch);
+    const float row_rstd = rsqrtf(sum_sq[0] / cols + eps);
+    if (threadIdx.x == 0) {
+      mean_out[row] = row_mean;
+      rstd_out[row] = row_rstd;
+    }
+    for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
+      const int col = vec * kVec;
+      float vals[kVec], w[kVec], b[kVec];
+      load_floats<kVec>(x_row + col, vals);
+      load_param(weight, col, 1.0f, w);
+      load_param(bias, col, 0.0f, b);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) vals[j] = (vals[j] - row_mean) * row_rstd * w[j] + b[j];
+      store_floats<kVec>(out + row * cols + col, vals);
+    }
+  }
+}
+
+// Backward, row in registers (warp-per-row or block-per-row): one read of x and grad_out, one
+// write of grad_x. Each thread holds its vectors of x and grad_out as raw 16-byte vectors (half
+// the registers of fp32 values for bf16/fp16), the team sums g and g * xhat, and grad_x follows
+// from the registers. grad_weight/grad_bias accumulate in fp32 registers across all of the
+// thread's rows (its columns never change) and are written once per block to
+// partial_grad_weight/partial_grad_bias[blockIdx.x] (gridDim.x, cols): directly for a block team
+// (each column has one owner), and for warp teams after adding the 8 warps in warp order through
+// shared memory (block_sums, 2 * cols floats of dynamic shared memory). At least 2 blocks per
+// SM (<= 128 registers, no spills): 16 warps keep enough loads in flight.
+template <typename T, typename P, bool kWarpPerRow, int kVecsPerThread>
+__global__ void __launch_bounds__(kRowKernelThreads, 2)
+    layer_norm_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
+                               const P* __restrict__ weight, const float* __restrict__ mean,
+                               const float* __restrict__ rstd, T* __restrict__ grad_x,
+                               float* __restrict__ partial_grad_weight,
+                               float* __restrict__ partial_grad_bias, int64_t rows, int cols) {
+  constexpr int kVec = kVecElems<T>;
+  __shared__ float scratch[2 * kWarpSize];
+  extern __shared__ float block_sums[];
+  const RowTeam<kWarpPerRow> team;
+  const int num_vecs = cols / kVec;
+  float grad_weight[kVecsPerThread][kVec] = {};
+  float grad_bias[kVecsPerThread][kVec] = {};
+  for (int64_t row = team.first_row; row < rows; row += team.row_stride) {
+    const float row_mean = mean[row];
+    const float row_rstd = rstd[row];
+    const int64_t row_offset = row * cols;
+    int4 x_raw[kVecsPerThread], dy_raw[kVecsPerThread];
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      const int vec = team.rank + i * team.size;
+      if (vec < num_vecs) {
+        x_raw[i] = load_vector(x + row_offset + vec * kVec);
+        dy_raw[i] = load_vector(grad_out + row_offset + vec * kVec);
+      }
+    }
+    float sums[2] = {0.0f, 0.0f};  // sum of g, sum of g * xhat
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      const int vec = team.rank + i * team.size;
+      if (vec < num_vecs) {
+        float xhat[kVec], dy[kVec], w[kVec];
+        unpack_floats<T>(x_raw[i], xhat);
+        unpack_floats<T>(dy_raw[i], dy);
+        load_param(weight, vec * kVec, 1.0f, w);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          xhat[j] = (xhat[j] - row_mean) * row_rstd;
+          const float g = dy[j] * w[j];
+          sums[0] += g;
+          sums[1] += g * xhat[j];
+          grad_weight[i][j] += dy[j] * xhat[j];
+          grad_bias[i][j] += dy[j];
+        }
+      }
+    }
+    team.sum(sums, scratch);
+    const float mean_g = sums[0] / cols;
+    const float mean_g_xhat = sums[1] / cols;
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      const int vec = team.rank + i * team.size;
+      if (vec < num_vecs) {
+        float xhat[kVec], dy[kVec], w[kVec];
+        unpack_floats<T>(x_raw[i], xhat);
+        unpack_floats<T>(dy_raw[i], dy);
+        load_param(weight, vec * kVec, 1.0f, w);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          xhat[j] = (xhat[j] - row_mean) * row_rstd;
+          dy[j] = (dy[j] * w[j] - mean_g - xhat[j] * mean_g_xhat) * row_rstd;
+        }
+        store_floats<kVec>(grad_x + row_offset + vec * kVec, dy);
+      }
+    }
+  }
+
+  float* block_grad_weight = partial_grad_weight + int64_t(blockIdx.x) * cols;
+  float* block_grad_bias = partial_grad_bias + int64_t(blockIdx.x) * cols;
+  if constexpr (kWarpPerRow) {
+    // Warp 0 stores its column sums, then warps 1..7 add theirs one at a time.
+    const int warp = threadIdx.x / kWarpSize;
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      if (warp == w) {
+#pragma unroll
+        for (int i = 0; i < kVecsPerThread; ++i) {
+          const int vec = team.rank + i * team.size;
+          if (vec < num_vecs) {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) {
+              const int col = vec * kVec + j;
+              block_sums[col] = (w == 0 ? 0.0f : block_sums[col]) + grad_weight[i][j];
+              block_sums[cols + col] = (w == 0 ? 0.0f : block_sums[cols + col]) + grad_bias[i][j];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+      block_grad_weight[col] = block_sums[col];
+      block_grad_bias[col] = block_sums[cols + col];
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVecsPerThread; ++i) {
+      const int vec = team.rank + i * team.size;
+      if (vec < num_vecs) {
+        store_floats<kVec>(block_grad_weight + vec * kVec, grad_weight[i]);
+        store_floats<kVec>(block_grad_bias + vec * kVec, grad_bias[i]);
+      }
+    }
+  }
+}
+
+// Backward grad_x for rows that do not fit in registers or are not whole aligned vectors
+// (kVec == 1). One block per row; the first read of x and grad_out sums g and g * xhat, the
+// second (mostly from L2) writes grad_x. grad_weight/grad_bias come from
+// layer_norm_backward_params_kernel.
+template <typename T, typename P, int kVec>
+__global__ void __launch_bounds__(kLoopedThreads)
+    layer_norm_backward_looped_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
+                                      const P* __restrict__ weight, const float* __restrict__ mean,
+                                      const float* __restrict__ rstd, T* __restrict__ grad_x,
+                                      int64_t rows, int cols) {
+  __shared__ float scratch[2 * kWarpSize];
+  const int num_vecs = cols / kVec;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float row_mean = mean[row];
+    const float row_rstd = rstd[row];
+    const int64_t row_offset = row * cols;
+    float sums[2] = {0.0f, 0.0f};  // sum of g, sum of g * xhat
+    for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
+      const int col = vec * kVec;
+      float xs[kVec], dy[kVec], w[kVec];
+      load_floats<kVec>(x + row_offset + col, xs);
+      load_floats<kVec>(grad_out + row_offset + col, dy);
+      load_param(weight, col, 1.0f, w);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float g = dy[j] * w[j];
+        sums[0] += g;
+        sums[1] += g * (xs[j] - row_mean) * row_rstd;
+      }
+    }
+    block_reduce_sum(sums, scratch);
+    const float mean_g = sums[0] / cols;
+    const float mean_g_xhat = sums[1] / cols;
+    for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
+      const int col = vec * kVec;
+      float xs[kVec], dy[kVec], w[kVec];
+      load_floats<kVec>(x + row_offset + col, xs);
+      load_floats<kVec>(grad_out + row_offset + col, dy);
+      load_param(weight, col, 1.0f, w);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float xhat = (xs[j] - row_mean) * row_rstd;
+        xs[j] = (dy[j] * w[j] - mean_g - xhat * mean_g_xhat) * row_rstd;
+      }
+      store_floats<kVec>(grad_x + row_offset + col, xs);
+    }
+  }
+}
+
+// grad_weight/grad_bias partial sums for the looped path, column-tiled (see column_tile_grid):
+// each thread owns kVec columns, walks rows blockIdx.y * 8 + threadIdx.y, + gridDim.y * 8, ...
+// accumulating grad_out * xhat and grad_out in registers; the block's 8 row slices are added in
+// order through shared memory into partial_grad_weight/partial_grad_bias[blockIdx.y]. This reads
+// x and grad_out once more (the looped path's price for unbounded row length).
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kTileCols * kTileRows)
+    layer_norm_backward_params_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
+                                      const float* __restrict__ mean,
+                                      const float* __restrict__ rstd,
+                                      float* __restrict__ partial_grad_weight,
+                                      float* __restrict__ partial_grad_bias, int64_t rows,
+                                      int cols) {
+  __shared__ float slice_sums[2][kTileRows][kTileCols * kVec];
+  const int vec = blockIdx.x * kTileCols + threadIdx.x;
+  const bool active = vec < cols / kVec;
+  const int col = vec * kVec;
+  float grad_weight[kVec] = {};
+  float grad_bias[kVec] = {};
+  if (active) {
+    const int64_t row_stride = int64_t(gridDim.y) * kTileRows;
+    for (int64_t row = int64_t(blockIdx.y) * kTileRows + threadIdx.y; row < rows;
+         row += row_stride) {
+      const float row_mean = mean[row];
+      const float row_rstd = rstd[row];
+      float xs[kVec], dy[kVec];
+      load_floats<kVec>(x + row * cols + col, xs);
+      load_floats<kVec>(grad_out + row * cols + col, dy);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        grad_weight[j] += dy[j] * ((xs[j] - row_mean) * row_rstd);
+        grad_bias[j] += dy[j];
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    slice_sums[0][threadIdx.y][threadIdx.x * kVec + j] = grad_weight[j];
+    slice_sums[1][threadIdx.y][threadIdx.x * kVec + j] = grad_bias[j];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    const int64_t offset = int64_t(blockIdx.y) * cols + col;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      float total_weight = 0.0f, total_bias = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kTileRows; ++s) {
+        total_weight += slice_sums[0][s][threadIdx.x * kVec + j];
+        total_bias += slice_sums[1][s][threadIdx.x * kVec + j];
+      }
+      partial_grad_weight[offset + j] = total_weight;
+      partial_grad_bias[offset + j] = total_bias;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+enum class RowKernel { kWarpPerRow, kBlockPerRow, kLooped };
+
+struct RowPlan {
+  RowKernel kernel;
+  bool vectorized;      // 16-byte accesses (else the looped kernels with 1-element accesses)
+  int vecs_per_thread;  // register kernels: 1..4 (warp-per-row), 1, 2 or 4 (block-per-row)
+  int threads;
+};
+
+// Which kernel shape serves rows of `cols` elements; `aligned`: every data pointer is 16-byte
+// aligned (then, with cols a multiple of vec, every row starts on a vector boundary).
+RowPlan plan_rows(int cols, int vec, bool aligned) {
+  if (!aligned || cols % vec != 0) {
+    const int64_t threads =
+        std::min<int64_t>(kLoopedThreads, ceil_div(cols, kWarpSize) * kWarpSize);
+    return {RowKernel::kLooped, false, 0, int(threads)};
+  }
+  const int num_vecs = cols / vec;
+  if (num_vecs <= kWarpSize * kMaxVecsPerThread) {
+    return {RowKernel::kWarpPerRow, true, int(ceil_div(num_vecs, kWarpSize)), kRowKernelThreads};
+  }
+  for (int per_thread = 1; per_thread <= kMaxVecsPerThread; per_thread *= 2) {
+    const int64_t threads = ceil_div(num_vecs, per_thread);
+    if (threads <= kRowKernelThreads) {
+      const int64_t block = ceil_div(threads, kWarpSize) * kWarpSize;
+      return {RowKernel::kBlockPerRow, true, per_thread, int(block)};
+    }
+  }
+  return {RowKernel::kLooped, true, 0, kLoopedThreads};
+}
+
+template <typename T, typename P>
+void launch_layer_norm_forward(const T* x, const P* weight, const P* bias, T* out, float* mean,
+                               float* rstd, int64_t rows, int cols, float eps,
+                               cudaStream_t stream) {
+  const RowPlan plan = plan_rows(cols, kVecElems<T>,
+                                 is_vector_aligned(x) && is_vector_aligned(weight) &&
+                                     is_vector_aligned(bias) && is_vector_aligned(out));
+  const auto launch = [&](auto kernel, int64_t work_blocks) {
+    const int grid = persistent_grid(kernel, work_blocks, plan.threads);
+    kernel<<<grid, plan.threads, 0, stream>>>(x, weight, bias, out, mean, rstd, rows, cols, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const int per_thread = plan.vecs_per_thread;
+  switch (plan.kernel) {
+    case RowKernel::kWarpPerRow: {
+      const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
+      if (per_thread == 1) launch(layer_norm_forward_kernel<T, P, true, 1>, blocks);
+      else if (per_thread == 2) launch(layer_norm_forward_kernel<T, P, true, 2>, blocks);
+      else if (per_thread == 3) launch(layer_norm_forward_kernel<T, P, true, 3>, blocks);
+      else launch(layer_norm_forward_kernel<T, P, true, 4>, blocks);
+      break;
+    }
+    case RowKernel::kBlockPerRow:
+      if (per_thread == 1) launch(layer_norm_forward_kernel<T, P, false, 1>, rows);
+      else if (per_thread == 2) launch(layer_norm_forward_kernel<T, P, false, 2>, rows);
+      else launch(layer_norm_forward_kernel<T, P, false, 4>, rows);
+      break;
+    case RowKernel::kLooped:
+      if (plan.vectorized) launch(layer_norm_forward_looped_kernel<T, P, kVecElems<T>>, rows);
+      else launch(layer_norm_forward_looped_kernel<T, P, 1>, rows);
+      break;
+  }
+}
+
+// Looped path of the backward: grad_x kernel, then the column-tiled grad_weight/grad_bias
+// kernel. Returns the (2, row groups, cols) partial sums.
+template <typename T, typename P, int kVec>
+at::Tensor launch_layer_norm_backward_looped(const T* grad_out, const T* x, const P* weight,
+                                             const float* mean, const float* rstd, T* grad_x,
+                                             int64_t rows, int cols, int threads,
+                                             const at::TensorOptions& float_options,
+                                             cudaStream_t stream) {
+  const auto grad_x_kernel = layer_norm_backward_looped_kernel<T, P, kVec>;
+  const int grid = persistent_grid(grad_x_kernel, rows, threads);
+  grad_x_kernel<<<grid, threads, 0, stream>>>(grad_out, x, weight, mean, rstd, grad_x, rows, cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  const auto params_kernel = layer_norm_backward_params_kernel<T, kVec>;
+  const dim3 tile_grid = column_tile_grid(params_kernel, rows, cols / kVec);
+  at::Tensor partials = at::empty({2, int64_t(tile_grid.y), cols}, float_options);
+  float* partial_grad_weight = partials.data_ptr<float>();
+  float* partial_grad_bias = partial_grad_weight + int64_t(tile_grid.y) * cols;
+  params_kernel<<<tile_grid, dim3(kTileCols, kTileRows), 0, stream>>>(
+      grad_out, x, mean, rstd, partial_grad_weight, partial_grad_bias, rows, cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partials;
+}
+
+template <typename T, typename P>
+void launch_layer_norm_backward(const T* grad_out, const T* x, const P* weight, const float* mean,
+                                const float* rstd, T* grad_x, const at::Tensor& grad_weight,
+                                const at::Tensor& grad_bias, int64_t rows, int cols,
+                                cudaStream_t stream) {
+  const RowPlan plan = plan_rows(cols, kVecElems<T>,
+                                 is_vector_aligned(grad_out) && is_vector_aligned(x) &&
+                                     is_vector_aligned(weight) && is_vector_aligned(grad_x));
+  at::Tensor partials;  // (2, num partial rows, cols): grad_weight's, then grad_bias's
+  const auto launch = [&](auto kernel, int64_t work_blocks, size_t smem) {
+    const int grid = persistent_grid(kernel, work_blocks, plan.threads, smem);
+    partials = at::empty({2, grid, cols}, grad_weight.options());
+    float* partial_grad_weight = partials.data_ptr<float>();
+    float* partial_grad_bias = partial_grad_weight + int64_t(grid) * cols;
+    kernel<<<grid, plan.threads, smem, stream>>>(grad_out, x, weight, mean, rstd, grad_x,
+                                                 partial_grad_weight, partial_grad_bias, rows,
+                                                 cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  const int per_thread = plan.vecs_per_thread;
+  switch (plan.kernel) {
+    case RowKernel::kWarpPerRow: {
+      const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
+      const size_t smem = 2 * size_t(cols) * sizeof(float);  // block_sums
+      if (per_thread == 1) launch(layer_norm_backward_kernel<T, P, true, 1>, blocks, smem);
+      else if (per_thread == 2) launch(layer_norm_backward_kernel<T, P, true, 2>, blocks, smem);
+      else if (per_thread == 3) launch(layer_norm_backward_kernel<T, P, true, 3>, blocks, smem);
+      else launch(layer_norm_backward_kernel<T, P, true, 4>, blocks, smem);
+      break;
+    }
+    case RowKernel::kBlockPerRow:
+      if (per_thread == 1) launch(layer_norm_backward_kernel<T, P, false, 1>, rows, 0);
+      else if (per_thread == 2) launch(layer_norm_backward_kernel<T, P, false, 2>, rows, 0);
+      else launch(layer_norm_backward_kernel<T, P, false, 4>, rows, 0);
+      break;
+    case RowKernel::kLooped:
+      partials = plan.vectorized
+                     ? launch_layer_norm_backward_looped<T, P, kVecElems<T>>(
+                           grad_out, x, weight, mean, rstd, grad_x, rows, cols, plan.threads,
+                           grad_weight.options(), stream)
+                     : launch_layer_norm_backward_looped<T, P, 1>(
+                           grad_out, x, weight, mean, rstd, grad_x, rows, cols, plan.threads,
+                           grad_weight.options(), stream);
+      break;
+  }
+  const ColumnSums<2> sums{{grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>()}};
+  launch_sum_partial_rows<2>(partials, sums, stream);
+}
+
+bool is_given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// weight and bias in the one dtype the kernels read them in: x's dtype when every given one has
+// it, else float32 (fp32 master weights with bf16/fp16 activations are read natively; any other
+// mix is converted to float32 here, an (N,) copy). Absent ones stay undefined (nullptr).
+struct LayerNormParams {
+  at::Tensor weight;
+  at::Tensor bias;
+  bool fp32;
+};
+
+LayerNormParams prepare_params(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias) {
+  const int64_t cols = x.size(-1);
+  for (const auto& [param, arg] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    if (!is_given(*param)) continue;
+    const at::Tensor& p = param->value();
+    check_cuda_tensor(p, arg);
+    TORCH_CHECK(p.device() == x.device(), arg, " must be on x's device ", x.device(), ", got ",
+                p.device());
+    TORCH_CHECK(p.dim() == 1 && p.size(0) == cols, arg, " must have shape (", cols,
+                ",) to match x's last dimension, got ", p.sizes());
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), arg, " must be a floating tensor, got ",
+                p.scalar_type());
+  }
+  const auto has_x_dtype = [&](const std::optional<at::Tensor>& p) {
+    return !is_given(p) || p->scalar_type() == x.scalar_type();
+  };
+  const at::ScalarType dtype =
+      has_x_dtype(weight) && has_x_dtype(bias) ? x.scalar_type() : at::kFloat;
+  const auto as_dtype = [&](const std::optional<at::Tensor>& p) {
+    return is_given(p) ? p->to(dtype).contiguous() : at::Tensor();
+  };
+  return {as_dtype(weight), as_dtype(bias), dtype == at::kFloat};
+}
+
+// Number of columns (x's last dimension), checked to fit the kernels' int indexing.
+int layer_norm_cols(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
+  const int64_t cols = x.size(-1);
+  TORCH_CHECK(cols >= 1 && cols < (int64_t(1) << 31),
+              "x: last dimension (normalized size) must be in [1, 2^31), got ", cols);
+  return int(cols);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
+    const std::optional<at::Tensor>& bias_in, double eps) {
+  check_float_input(x_in, "x");
+  const int cols = layer_norm_cols(x_in);
+  const LayerNormParams params = prepare_params(x_in, weight_in, bias_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  // The kernels index x as dense (rows, cols): a strided view is copied once here (a no-op for
+  // the usual contiguous activation).
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.numel() / cols;
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0) return {out, mean, rstd};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const auto launch = [&](auto param_tag) {
+      using P = decltype(param_tag);
+      launch_layer_norm_forward<T, P>(typed_ptr<T>(x), typed_ptr<P>(params.weight),
+                                      typed_ptr<P>(params.bias), typed_mutable_ptr<T>(out),
+                                      mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, cols,
+                                      float(eps), stream);
+    };
+    if (params.fp32) {
+      launch(float{});
+    } else {
+      launch(T{});
+    }
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in,
+    const std::optional<at::Tensor>& weight_in, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in) {
+  check_float_input(x_in, "x");
+  check_grad_out(grad_out_in, x_in);
+  const int cols = layer_norm_cols(x_in);
+  const int64_t rows = x_in.numel() / cols;
+  for (const auto& [stat, arg] : {std::pair{&mean_in, "mean"}, std::pair{&rstd_in, "rstd"}}) {
+    check_cuda_tensor(*stat, arg);
+    TORCH_CHECK(stat->device() == x_in.device(), arg, " must be on x's device ", x_in.device(),
+                ", got ", stat->device());
+    TORCH_CHECK(stat->scalar_type() == at::kFloat, arg, " must be float32, got ",
+                stat->scalar_type());
+    TORCH_CHECK(stat->numel() == rows, arg, " must have one value per row (", rows, "), got ",
+                stat->numel());
+  }
+  const LayerNormParams params = prepare_params(x_in, weight_in, std::nullopt);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  // Dense (rows, cols) indexing: strided views are copied once (no-op when contiguous).
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_weight = at::empty({cols}, x.options().dtype(at::kFloat));
+  at::Tensor grad_bias = at::empty({cols}, x.options().dtype(at::kFloat));
+  if (rows == 0) return {grad_x, grad_weight.zero_(), grad_bias.zero_()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_type(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const auto launch = [&](auto param_tag) {
+      using P = decltype(param_tag);
+      launch_layer_norm_backward<T, P>(typed_ptr<T>(grad_out), typed_ptr<T>(x),
+                                       typed_ptr<P>(params.weight), mean.data_ptr<float>(),
+                                       rstd.data_ptr<float>(), typed_mutable_ptr<T>(grad_x),
+                                       grad_weight, grad_bias, rows, cols, stream);
+    };
+    if (params.fp32) {
+      launch(float{});
+    } else {
+      launch(T{});
+    }
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace llmkernels
+
+TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) {
+  m.impl("layer_norm_forward", &llmkernels::layer_norm_forward_cuda);
+  m.impl("layer_norm_backward", &llmkernels::layer_norm_backward_cuda);
+}

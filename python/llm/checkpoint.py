@@ -1,0 +1,77 @@
+"""Training checkpoints: written atomically, read with torch.load(weights_only=True).
+
+A checkpoint is a dict of tensors and plain Python values only (configs as dicts, the
+tokenizer as its description), so loading it never runs pickled code:
+  model, optimizer     state dicts
+  step                 optimizer steps taken (the LR schedule's position)
+  model_config         GPTConfig.to_dict()
+  train_config         dataclasses.asdict(TrainConfig)
+  tokenizer            llm.tokenizer.tokenizer_to_dict()
+  rng                  per-rank CPU (and CUDA) generator states
+  data                 the BatchLoader position
+  history              losses so far, for the loss curve
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from llm.config import GPTConfig
+from llm.files import atomic_output
+from llm.model import GPT
+from llm.tokenizer import tokenizer_from_dict
+
+REQUIRED_KEYS = ("model", "model_config", "tokenizer", "step")
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    with atomic_output(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint dict, or a ValueError saying why the file is not a usable checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        # torch's own message (kept as __cause__) is long and suggests weights_only=False; don't.
+        raise ValueError(
+            f"cannot load checkpoint {path}: the file is corrupt or not a checkpoint written by llm.train "
+            f"({type(error).__name__})"
+        ) from error
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not an llm checkpoint: expected keys {list(REQUIRED_KEYS)}, found {found}")
+    return checkpoint
+
+
+def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """model.load_state_dict with an error that names every mismatched key and shape."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mismatched = [
+        f"{key}: {source} {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state))
+        if state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not match the model: missing keys {missing}, unexpected keys {unexpected}, "
+            f"shape mismatches {mismatched}"
+        )
+    model.load_state_dict(state)
+
+
+def model_from_checkpoint(checkpoint: dict, **config_overrides) -> tuple[GPT, tiktoken.Encoding]:
+    """The trained model (on CPU) and its tokenizer; overrides e.g. use_fused=True, dropout=0.0."""
+    config = GPTConfig.from_dict({**checkpoint["model_config"], **config_overrides})
+    model = GPT(config)
+    load_model_state(model, checkpoint["model"])
+    return model, tokenizer_from_dict(checkpoint["tokenizer"])

@@ -1,0 +1,25 @@
+"""Atomic file output: nothing half-written is ever left at the destination."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; on success rename it over `path`.
+
+    Write the whole file to the yielded path. os.replace is atomic on POSIX and
+    Windows, so readers see either the old file or the complete new one; if writing
+    fails the temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

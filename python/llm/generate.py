@@ -1,0 +1,173 @@
+"""Text generation: temperature, top-k, top-p, stop at <|endoftext|>, KV cache.
+
+With the KV cache (default) the prompt runs once (prefill) and each new token then
+costs one position: its query attends to the cached keys/values (query length 1,
+key length S). With use_fused, that decode step goes through
+llmkernels.flash_attention, whose bottom-right-aligned causal mask handles Sq != Sk;
+fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
+
+    python -m llm.generate --checkpoint out/ckpt.pt --prompt "ROMEO:"
+    python -m llm.generate --gpt2-weights ./gpt2 --prompt "Hello" --top-p 0.9
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import tiktoken
+import torch
+
+from llm.model import GPT
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """prompt (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
+
+    temperature 0 means greedy. Stops early once every row has produced eos_token
+    (rows that finished earlier keep emitting eos_token). Sampling draws only from
+    `generator`, never from the global RNG. Without the cache, a sequence longer
+    than the context is cropped to its last context_length tokens; with the cache,
+    a full cache is refilled from the last half-context of tokens.
+    """
+    context = model.config.context_length
+    B, T = prompt.shape
+    if T == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if T > context:
+        raise ValueError(f"prompt of {T} tokens is longer than the model's context_length {context}")
+    was_training = model.training
+    model.eval()
+    tokens = prompt
+    cache = model.new_kv_cache(B) if use_cache else None
+    next_input = tokens  # what the model has not seen yet
+    finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        if cache is None:
+            logits, _ = model(tokens[:, -context:])  # (B, T', V)
+        else:
+            if cache.length + next_input.shape[1] > context:  # full: restart from recent tokens
+                cache.reset()
+                next_input = tokens[:, -(context // 2) :]
+            logits, _ = model(next_input, kv_cache=cache)  # (B, T', V)
+        next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+        if eos_token is not None:
+            next_token = torch.where(finished[:, None], eos_token, next_token)
+            finished |= next_token[:, 0] == eos_token
+        tokens = torch.cat([tokens, next_token], dim=1)  # (B, T) -> (B, T+1)
+        next_input = next_token
+        if finished.all():
+            break
+    model.train(was_training)
+    return tokens
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # greedy
+    logits = logits / temperature
+    if top_k is not None:
+        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None:
+        # Keep the smallest set of most likely tokens whose probabilities sum to >= top_p.
+        sorted_logits, order = torch.sort(logits, descending=True)  # (B, V)
+        sorted_probs = sorted_logits.softmax(dim=-1)  # (B, V)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the tokens before suffice
+        drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def complete(
+    model: GPT,
+    tokenizer: tiktoken.Encoding,
+    prompt: str,
+    max_new_tokens: int,
+    seed: int = 1337,
+    **sampling,
+) -> str:
+    """Prompt text -> prompt + generated text (stops at <|endoftext|>)."""
+    device = model.transformer.wte.weight.device
+    ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        eos_token=tokenizer.eot_token,
+        generator=generator,
+        **sampling,
+    )
+    new_ids = [t for t in out[0, len(ids) :].tolist() if t != tokenizer.eot_token]
+    return prompt + tokenizer.decode(new_ids)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from llm.checkpoint import load_checkpoint, model_from_checkpoint
+    from llm.tokenizer import gpt2_tokenizer
+    from llm.train import resolve_device
+    from llm.weights import load_gpt2
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by llm.train (ckpt.pt)")
+    source.add_argument("--gpt2-weights", help="a Hugging Face GPT-2 save_pretrained folder")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token")
+    args = parser.parse_args(argv)
+
+    if args.checkpoint:
+        model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), use_fused=args.use_fused)
+    else:
+        model, tokenizer = load_gpt2(args.gpt2_weights, use_fused=args.use_fused), gpt2_tokenizer()
+    device = resolve_device(args.device)
+    model.to(device)
+    for i in range(args.num_samples):
+        text = complete(
+            model,
+            tokenizer,
+            args.prompt,
+            args.max_new_tokens,
+            seed=args.seed + i,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            use_cache=not args.no_kv_cache,
+        )
+        print(text)
+        if i + 1 < args.num_samples:
+            print("-" * 40)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message, no traceback
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,261 @@
+"""GPT-2 in PyTorch, one concept per class.
+
+Shapes: B = batch, T = tokens in this call, S = tokens attended to (cache + T),
+C = n_embd, H = n_head, D = head_dim = C // H, V = vocab size (Vp when padded).
+
+With `config.use_fused` the three hot ops go through llmkernels (fused CUDA/Triton
+kernels where they run, llmkernels' own reference elsewhere); otherwise the model
+uses the plain PyTorch ops written here, its readable reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm.config import GPTConfig
+
+
+def _llmkernels():
+    # Imported on first use so that the plain PyTorch model works without llmkernels.
+    import llmkernels
+
+    return llmkernels
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with a learned scale and shift."""
+
+    def __init__(self, n_embd: int, eps: float, use_fused: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+        self.use_fused = use_fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fused:
+            return _llmkernels().layer_norm(x, self.weight, self.bias, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one slot per layer, for decoding.
+
+    Preallocated to the context length; `length` counts the cached positions. The
+    model writes each layer's new keys/values at [length, length + T) and advances
+    `length` once all layers have run.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (batch_size, config.n_head, config.context_length, config.head_dim)  # (B, H, ctx, D)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.capacity = config.context_length
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, D) after the cached ones; return all keys and values (B, H, S, D)."""
+        end = self.length + k.shape[2]  # S = length + T
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention in which each token sees itself and the tokens before it."""
+
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_index = layer_index  # which KVCache slot is ours
+        self.use_fused = config.use_fused
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True  # scaled init, see GPT._init_weights
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, 3C) -> 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, k, v)  # (B, H, T, D) -> (B, H, S, D)
+
+        if self.use_fused:
+            # Causal mask aligned bottom-right: query i (of T) sees keys j <= i + S - T.
+            # A fused kernel runs when it supports the shapes (training: S == T);
+            # decoding (T=1 against the cache) falls back to llmkernels' reference.
+            y = _llmkernels().flash_attention(q, k, v, causal=True)  # (B, H, T, D)
+        else:
+            y = self._attention(q, k, v)  # (B, H, T, D)
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, H, T, D) -> (B, T, C)
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(D) + causal mask) v, with PyTorch's fused SDPA."""
+        T, S = q.shape[2], k.shape[2]
+        dropout = self.attn_dropout if self.training else 0.0
+        if T == S:  # no cache: the ordinary lower-triangular mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        # With a cache the T new queries sit at the end: query i sees keys j <= i + S - T.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen 4x, tanh GELU, project back."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.use_fused = config.use_fused
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.is_residual_projection = True  # scaled init, see GPT._init_weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fused:
+            h = F.linear(x, self.c_fc.weight)  # (B, T, C) -> (B, T, 4C), bias added in the fused op
+            # gelu_tanh(h + bias), (B, T, 4C); under autocast h is bf16 while the bias stays
+            # float32, and the fused kernels take one dtype (the cast is differentiable).
+            h = _llmkernels().bias_gelu(h, self.c_fc.bias.to(h.dtype))
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, C) -> (B, T, 4C)
+        return self.dropout(self.c_proj(h))  # (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, config.use_fused)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, config.use_fused)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, n_layer blocks, final LayerNorm, tied LM head.
+
+    Module names follow Hugging Face's GPT2LMHeadModel, so weights map one to one
+    (see llm.weights).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.context_length, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=LayerNorm(config.n_embd, config.layer_norm_eps, config.use_fused),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one (Vp, C) matrix, counted once
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere, zero biases; the projections that write into
+        # the residual stream get std 0.02 / sqrt(2 * n_layer), because each of the
+        # 2 * n_layer residual branches adds its variance to the stream.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, the tied LM head counted once (parameters() deduplicates)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention
+        scores and weighted sum, 6 * 2 * n_layer * context * n_embd (the PaLM estimate)."""
+        cfg = self.config
+        n = self.num_parameters() - self.transformer.wpe.weight.numel()  # lookups cost no FLOPs
+        return 6 * n + 12 * cfg.n_layer * cfg.context_length * cfg.n_embd
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T),
+        the mean cross-entropy (targets == -1 are ignored). With a KVCache, idx holds only
+        the new tokens; they are placed after the cached ones."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens ({start} cached + {T} new) is longer than "
+                f"the model's context_length {self.config.context_length}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
+        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(B * T, -1).float(),  # (B, T, V) -> (B*T, V)
+                targets.reshape(B * T),  # (B, T) -> (B*T,)
+                ignore_index=-1,
+            )
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        weight = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, weight.device, weight.dtype)
+
+    def crop_context(self, context_length: int) -> None:
+        """Shrink the context (e.g. fine-tune GPT-2 on 256 tokens instead of 1024)."""
+        if not 0 < context_length <= self.config.context_length:
+            raise ValueError(
+                f"context_length must be in [1, {self.config.context_length}], got {context_length}"
+            )
+        self.config.context_length = context_length
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:context_length].detach().clone())
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str):
+        """AdamW as the training loop builds it (see llm.train.build_optimizer)."""
+        from llm.train import build_optimizer
+
+        return build_optimizer(self, lr, weight_decay, betas, device_type)

@@ -1,0 +1,232 @@
+"""The hand-written CUDA flash attention (csrc/flash_attention.cu).
+
+CPU lane (whenever llmkernels._C imports): the ops carry the contract's schemas and have
+CUDA kernels registered. GPU lane: forward and backward against the float64 reference
+under the numerics rule (tests/numerics.py) over ragged sequence lengths, both head dims,
+both dtypes, causal and not; large inputs; bitwise reproducibility; strided and
+misaligned inputs; the public function with autograd; clear errors for what the kernel
+cannot take.
+
+Sanitizer sweep (seq 17, 113, 128 only; every kernel of the file, both dtypes and head dims):
+    LLMKERNELS_SANITIZER_SWEEP=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+        --kernel-name kns=attention python -m pytest tests/test_cuda_attention.py -q -x -k reference_sweep
+    and the same with --tool racecheck (then synccheck, initcheck); `--kernel-name kns=attention`
+    instruments only this file's kernels, which keeps the run to minutes.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import backends
+from llmkernels.attention import flash_attention_reference
+
+from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
+
+SANITIZER_SWEEP = os.environ.get("LLMKERNELS_SANITIZER_SWEEP") == "1"
+# Ragged lengths around the tile sizes (64, 128) and one long run; the sanitizer sweep
+# keeps a ragged single tile, a ragged multi-tile and an exact tile.
+SEQ_LENS = (17, 113, 128) if SANITIZER_SWEEP else (1, 17, 113, 128, 1023, 1024, 1025, 2048)
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.bfloat16, torch.float16)
+BATCH, HEADS = 2, 3  # small and odd
+OUTPUT_FLOOR = 1e-5
+GRAD_FLOOR = 1e-4  # dS = P * (dP - delta) cancels; fp32 summation order alone leaves ~1e-6
+
+SCHEMAS = {
+    "flash_attention_forward": "llmkernels::flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
+    "flash_attention_backward": "llmkernels::flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+}
+
+requires_extension = pytest.mark.skipif(
+    not backends.CUDA_EXTENSION_LOADED, reason="the CUDA extension llmkernels._C is not built here"
+)
+requires_cuda_kernels = pytest.mark.skipif(
+    not (backends.CUDA_EXTENSION_LOADED and torch.cuda.is_available()),
+    reason="needs the CUDA extension and a CUDA device",
+)
+
+
+def cuda_forward(q, k, v, causal, scale):
+    return torch.ops.llmkernels.flash_attention_forward(q, k, v, causal, scale)
+
+
+def cuda_backward(grad_out, q, k, v, out, lse, causal, scale):
+    return torch.ops.llmkernels.flash_attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+
+
+def random_inputs(shape, dtype, generator, input_scale=1.0):
+    """q, k, v, grad_out: fresh N(0, input_scale^2) values (grad_out N(0, 1)) on the GPU."""
+    q, k, v = ((torch.randn(shape, generator=generator) * input_scale).to("cuda", dtype) for _ in range(3))
+    grad_out = torch.randn(shape, generator=generator).to("cuda", dtype)
+    return q, k, v, grad_out
+
+
+def attention_in_low_precision(q, k, v, causal, scale):
+    """Plain PyTorch attention computed in q's own dtype (every op rounds to bf16/fp16):
+    the "PyTorch in the same precision" side of the numerics rule."""
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, S, S) in q.dtype
+    if causal:
+        seq = q.shape[2]
+        visible = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def out_and_grads(attention, q, k, v, grad_out, causal, scale):
+    """(out, dq, dk, dv) of `attention` at (q, k, v) for the upstream gradient grad_out."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, causal, scale)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return (out.detach(), *grads)
+
+
+def check_against_reference(q, k, v, grad_out, causal, scale):
+    """Runs the CUDA forward and backward ops and checks out, lse, dq, dk, dv."""
+    out, lse = cuda_forward(q, k, v, causal, scale)
+    grads = cuda_backward(grad_out, q, k, v, out, lse, causal, scale)
+    expected = out_and_grads(flash_attention_reference, q.double(), k.double(), v.double(), grad_out.double(), causal, scale)
+    low_precision = out_and_grads(attention_in_low_precision, q, k, v, grad_out, causal, scale)
+    for name, actual, reference, torch_low in zip(("out", "dq", "dk", "dv"), (out, *grads), expected, low_precision):
+        assert actual.dtype == q.dtype and actual.shape == q.shape, name
+        is_output = name == "out"
+        assert_close_to_reference(
+            actual,
+            torch_low,
+            reference,
+            factor=OUTPUT_FACTOR if is_output else GRAD_FACTOR,
+            floor=OUTPUT_FLOOR if is_output else GRAD_FLOOR,
+            name=f"{name} (seq {q.shape[2]}, head_dim {q.shape[3]}, {q.dtype}, causal={causal})",
+        )
+    # lse: natural-log log-sum-exp of the scaled scores, float32 (B, H, S)
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+    if causal:
+        seq = q.shape[2]
+        scores = scores.masked_fill(~torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-3, rtol=1e-4)
+    return out, lse, grads
+
+
+# ----------------------------------------------------------------------------- CPU lane
+@requires_extension
+def test_ops_have_the_contract_schemas_and_cuda_kernels():
+    for name, schema in SCHEMAS.items():
+        op = getattr(torch.ops.llmkernels, name).default
+        assert str(op._schema) == schema
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), f"{name} has no CUDA kernel"
+
+
+# ----------------------------------------------------------------------------- GPU lane
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq", SEQ_LENS)
+def test_reference_sweep(seq, head_dim, dtype, causal, generator):
+    q, k, v, grad_out = random_inputs((BATCH, HEADS, seq, head_dim), dtype, generator)
+    check_against_reference(q, k, v, grad_out, causal, 1.0 / math.sqrt(head_dim))
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq", (113, 1025))
+def test_large_inputs_and_custom_scale_stay_finite_and_accurate(seq, head_dim, dtype, causal, generator):
+    # x5 inputs: scores with standard deviation ~25, very peaked softmax rows.
+    q, k, v, grad_out = random_inputs((BATCH, HEADS, seq, head_dim), dtype, generator, input_scale=5.0)
+    check_against_reference(q, k, v, grad_out, causal, 1.0 / math.sqrt(head_dim))
+    check_against_reference(q / 5, k / 5, v / 5, grad_out, causal, 0.3)
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_repeated_runs_are_bitwise_identical(head_dim, generator):
+    # No atomics anywhere (dQ has its own kernel), so the backward is reproducible too.
+    q, k, v, grad_out = random_inputs((BATCH, HEADS, 1025, head_dim), torch.bfloat16, generator)
+    first = cuda_forward(q, k, v, True, 0.125)
+    first_grads = cuda_backward(grad_out, q, k, v, *first, True, 0.125)
+    for _ in range(3):
+        again = cuda_forward(q, k, v, True, 0.125)
+        again_grads = cuda_backward(grad_out, q, k, v, *again, True, 0.125)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (*first, *first_grads), (*again, *again_grads)):
+            assert torch.equal(a, b), f"{name} differs between identical runs"
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_and_misaligned_inputs_match_contiguous_ones(dtype, generator):
+    batch, heads, seq, head_dim = BATCH, HEADS, 113, 64
+    # A fused QKV projection (B, S, 3, H, D) viewed as (B, H, S, D): strided, no copy.
+    qkv = torch.randn(batch, seq, 3, heads, head_dim, generator=generator).to("cuda", dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    # grad_out one element into its storage: rows not 16-byte aligned, copied by the host.
+    storage = torch.randn(batch * heads * seq * head_dim + 1, generator=generator).to("cuda", dtype)
+    grad_out = storage[1:].view(batch, heads, seq, head_dim)
+    contiguous = [t.contiguous() for t in (q, k, v, grad_out)]
+
+    out, lse = cuda_forward(q, k, v, True, 0.125)
+    expected_out, expected_lse = cuda_forward(*contiguous[:3], True, 0.125)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    grads = cuda_backward(grad_out, q, k, v, out, lse, True, 0.125)
+    expected_grads = cuda_backward(contiguous[3], *contiguous[:3], expected_out, expected_lse, True, 0.125)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert torch.equal(a, b), f"{name} depends on the input strides"
+    check_against_reference(q, k, v, grad_out, True, 0.125)
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+def test_public_function_with_autograd_runs_the_cuda_ops(generator):
+    q, k, v, grad_out = random_inputs((BATCH, HEADS, 257, 64), torch.bfloat16, generator)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = llmkernels.flash_attention(*leaves, causal=True, backend="cuda")
+    out.backward(grad_out)
+    scale = 1.0 / math.sqrt(64)
+    expected_out, lse = cuda_forward(q, k, v, True, scale)
+    expected_grads = cuda_backward(grad_out, q, k, v, expected_out, lse, True, scale)
+    assert torch.equal(out.detach(), expected_out)
+    for name, leaf, expected in zip("qkv", leaves, expected_grads):
+        assert torch.equal(leaf.grad, expected), f"grad of {name}"
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+def test_unsupported_head_dim_is_refused_and_auto_falls_back(generator):
+    q, k, v, _ = random_inputs((1, 2, 33, 96), torch.float16, generator)
+    with pytest.raises(RuntimeError, match="head_dim must be 64 or 128, got 96"):
+        cuda_forward(q, k, v, True, 0.1)
+    with pytest.raises(llmkernels.BackendUnavailableError, match="head_dim"):
+        llmkernels.flash_attention(q, k, v, backend="cuda")
+    out = llmkernels.flash_attention(q, k, v)  # auto: falls back to a backend that can
+    expected = flash_attention_reference(q.double(), k.double(), v.double(), True, 1.0 / math.sqrt(96))
+    assert (out.double() - expected).abs().max().item() < 1e-2
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+def test_bad_inputs_are_clear_errors_naming_the_argument(generator):
+    q, k, v, grad_out = random_inputs((1, 2, 33, 64), torch.float16, generator)
+    with pytest.raises(RuntimeError, match="k must have q's dtype"):
+        cuda_forward(q, k.bfloat16(), v, True, 0.1)
+    with pytest.raises(RuntimeError, match="v must have q's shape"):
+        cuda_forward(q, k, v[:, :, :20], True, 0.1)
+    with pytest.raises(RuntimeError, match="k must have q's shape"):
+        cuda_forward(q, k[:, :1], v[:, :1], True, 0.1)  # grouped-query k/v
+    with pytest.raises(RuntimeError, match="v must be a CUDA tensor"):
+        cuda_forward(q, k, v.cpu(), True, 0.1)
+    with pytest.raises(RuntimeError, match="q must be bfloat16 or float16"):
+        cuda_forward(q.float(), k.float(), v.float(), True, 0.1)
+    out, lse = cuda_forward(q, k, v, True, 0.1)
+    with pytest.raises(RuntimeError, match="grad_out must have q's dtype"):
+        cuda_backward(grad_out.float(), q, k, v, out, lse, True, 0.1)
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        cuda_backward(grad_out, q, k, v, out, lse.half(), True, 0.1)

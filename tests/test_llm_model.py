@@ -1,0 +1,87 @@
+"""llm.config and llm.model: presets, parameter count, init, fused vs reference, KV cache."""
+
+import math
+
+import pytest
+import torch
+
+from llm.config import PRESETS, GPTConfig
+from llm.model import GPT
+
+
+def tiny_config(**overrides):
+    fields = dict(vocab_size=97, context_length=24, n_embd=32, n_layer=2, n_head=4, vocab_pad_multiple=64)
+    return GPTConfig(**{**fields, **overrides})
+
+
+def test_gpt2_preset_has_124m_parameters():
+    model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_parameters() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, counted once
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"}
+    config = GPTConfig.from_preset("gpt2-xl", use_fused=True, dropout=0.1)
+    assert (config.n_layer, config.n_head, config.n_embd, config.use_fused) == (48, 25, 1600, True)
+    with pytest.raises(ValueError, match="unknown preset 'gpt3'.*gpt2-medium"):
+        GPTConfig.from_preset("gpt3")
+    with pytest.raises(ValueError, match="unknown GPTConfig field"):
+        GPTConfig.from_preset("gpt2", n_heads=3)
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+
+
+def test_vocab_padding_slices_logits():
+    model = GPT(tiny_config())
+    assert model.transformer.wte.weight.shape[0] == 128
+    logits, loss = model(torch.randint(0, 97, (2, 5)), torch.randint(0, 97, (2, 5)))
+    assert logits.shape == (2, 5, 97)
+    assert abs(loss.item() - math.log(97)) < 0.5  # near-uniform at init
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=500, context_length=64))
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
+    expected = 0.02 / math.sqrt(2 * 8)
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - expected) < 0.001
+    assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+
+
+def test_context_overflow_is_a_clear_error():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="longer than the model's context_length 24"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_fused_matches_reference_on_cpu():
+    pytest.importorskip("llmkernels")
+    torch.manual_seed(0)
+    reference = GPT(tiny_config())
+    fused = GPT(tiny_config(use_fused=True))
+    fused.load_state_dict(reference.state_dict())
+    idx = torch.randint(0, 97, (3, 17))
+    logits_ref, loss_ref = reference(idx, idx)
+    logits_fused, loss_fused = fused(idx, idx)
+    torch.testing.assert_close(logits_fused, logits_ref, atol=1e-5, rtol=1e-5)
+    loss_ref.backward()
+    loss_fused.backward()
+    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_kv_cache_matches_full_forward(use_fused):
+    if use_fused:
+        pytest.importorskip("llmkernels")
+    torch.manual_seed(0)
+    model = GPT(tiny_config(use_fused=use_fused)).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(batch_size=2)
+    prefill, _ = model(idx[:, :7], kv_cache=cache)  # 7 tokens at once
+    chunk, _ = model(idx[:, 7:9], kv_cache=cache)  # 2 tokens against 7 cached
+    steps = [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 12)]  # one at a time
+    torch.testing.assert_close(torch.cat([prefill, chunk, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 12

@@ -1,0 +1,166 @@
+"""llm.train / llm.finetune / llm.generate on CPU: exact resume, DDP (gloo, 2 processes),
+checkpoint errors, generation with and without the KV cache, fine-tuning GPT-2 weights."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from llm.checkpoint import load_checkpoint, model_from_checkpoint
+from llm.generate import complete, generate
+from llm.generate import main as generate_main
+from llm.train import TrainConfig, build_optimizer, learning_rate, train
+from llm.train import main as train_main
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(6):
+        (folder / f"play{i}.txt").write_text(TEXT * (4 + i))
+    return folder
+
+
+def tiny_run(corpus, tmp_path, **overrides):
+    fields = dict(
+        preset="tiny",
+        data=[str(corpus)],
+        data_dir=str(tmp_path / "cache"),
+        out_dir=str(tmp_path / "out"),
+        tokenizer="bpe:300",
+        context_length=32,
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        eval_interval=3,
+        eval_batches=2,
+        sample_tokens=8,
+        progress=False,
+        device="cpu",
+    )
+    return TrainConfig(**{**fields, **overrides})
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)
+    assert learning_rate(200, cfg) == pytest.approx(0.1)
+
+
+def test_optimizer_decays_only_matrices():
+    from llm.config import GPTConfig
+    from llm.model import GPT
+
+    model = GPT(GPTConfig(vocab_size=50, context_length=8, n_embd=16, n_layer=1, n_head=2))
+    decay, no_decay = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu").param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_parameters()
+
+
+def test_training_learns_and_resumes_exactly(corpus, tmp_path):
+    full = train(tiny_run(corpus, tmp_path / "full", max_steps=8, eval_interval=4))
+    assert full["val_loss"][-1][1] < full["val_loss"][0][1] - 0.5
+    assert (tmp_path / "full/out/loss.png").stat().st_size > 0
+
+    first_half = train(tiny_run(corpus, tmp_path / "resumed", max_steps=4, lr_decay_steps=8, eval_interval=4))
+    assert first_half["train_loss"] == full["train_loss"][:4]
+    resumed = train(tiny_run(corpus, tmp_path / "resumed", max_steps=8, eval_interval=4, resume=True))
+    assert resumed["train_loss"] == full["train_loss"]  # bit-identical loss sequence
+    assert resumed["val_loss"] == full["val_loss"]
+
+    checkpoint = load_checkpoint(tmp_path / "resumed/out/ckpt.pt")
+    assert checkpoint["step"] == 8 and set(checkpoint["data"]) == {"epoch", "batch_index"}
+    assert not list((tmp_path / "resumed/out").glob(".*tmp"))
+
+
+def test_bad_checkpoints(corpus, tmp_path):
+    cfg = tiny_run(corpus, tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/ckpt.pt").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or not a checkpoint"):
+        train(cfg)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "out/ckpt.pt")
+    with pytest.raises(ValueError, match="not an llm checkpoint"):
+        train(cfg)
+    with pytest.raises(ValueError, match="unknown preset"):
+        train(tiny_run(corpus, tmp_path, preset="gpt5"))
+
+
+def test_generation_cache_cli_and_errors(corpus, tmp_path, capsys):
+    train_main(
+        ["--data", str(corpus), "--data-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"),
+         "--tokenizer", "bpe:300", "--context-length", "32", "--batch-size", "4", "--max-steps", "3",
+         "--eval-interval", "3", "--eval-batches", "1", "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    assert "validation loss" in capsys.readouterr().out
+    model, tokenizer = model_from_checkpoint(load_checkpoint(tmp_path / "out/ckpt.pt"))
+    prompt = torch.tensor([tokenizer.encode("First Citizen:")] * 2)
+    n = 32 - prompt.shape[1]  # fill the context exactly
+    cached = generate(model, prompt, n, temperature=0, use_cache=True)
+    uncached = generate(model, prompt, n, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (2, 32)
+    longer = generate(model, prompt, 40, temperature=0)  # past the context: the cache is refilled
+    assert torch.equal(longer[:, :32], cached) and longer.shape[1] == prompt.shape[1] + 40
+
+    generator = torch.Generator().manual_seed(0)
+    sampled = generate(model, prompt, 5, temperature=1.0, top_k=5, top_p=0.9, generator=generator)
+    assert sampled.shape == (2, prompt.shape[1] + 5)
+    assert complete(model, tokenizer, "All:", 5, seed=1) == complete(model, tokenizer, "All:", 5, seed=1)
+    with pytest.raises(ValueError, match="longer than the model's context_length 32"):
+        generate(model, torch.zeros(1, 33, dtype=torch.long), 1)
+
+    generate_main(["--checkpoint", str(tmp_path / "out/ckpt.pt"), "--prompt", "All:", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.startswith("All:")
+
+
+def test_finetune_from_gpt2_weights(corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from llm.finetune import finetune_config
+
+    config = transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    cfg = finetune_config(
+        str(tmp_path / "gpt2"), [str(corpus)], out_dir=str(tmp_path / "ft"), data_dir=str(tmp_path / "cache"),
+        context_length=32, batch_size=4, max_steps=6, lr=3e-3, eval_interval=6, eval_batches=2,
+        sample_tokens=4, progress=False, device="cpu",
+    )  # fmt: skip
+    history = train(cfg)
+    assert history["val_loss"][-1][1] < history["val_loss"][0][1]
+    checkpoint = load_checkpoint(tmp_path / "ft/ckpt.pt")
+    assert checkpoint["model_config"]["context_length"] == 32 and checkpoint["tokenizer"] == {"name": "gpt2"}
+
+
+def _ddp_worker(rank, world_size, port, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    train(cfg)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_matches_gradient_accumulation(corpus, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single = tiny_run(corpus, tmp_path / "single", max_steps=3, grad_accum_steps=2, eval_interval=3)
+    history = train(single)
+    ddp = tiny_run(corpus, tmp_path / "ddp", max_steps=3, data_dir=single.data_dir, eval_interval=3)
+    mp.spawn(_ddp_worker, args=(2, port, ddp), nprocs=2, join=True)
+
+    expected, actual = load_checkpoint(tmp_path / "single/out/ckpt.pt"), load_checkpoint(tmp_path / "ddp/out/ckpt.pt")
+    assert actual["history"]["train_loss"] == pytest.approx(history["train_loss"], rel=1e-5)
+    for key, tensor in expected["model"].items():
+        torch.testing.assert_close(actual["model"][key], tensor, atol=1e-4, rtol=1e-4, msg=key)
+    assert len(actual["rng"]) == 2  # both ranks' RNG states, written by rank 0 only

@@ -1,0 +1,180 @@
+"""Triton flash attention (llmkernels/triton/attention.py) against the float64 reference.
+
+CPU lane: Triton's interpreter (TRITON_INTERPRET=1, set by conftest), float32 and float16,
+B=1 and two heads (the interpreter is slow), ragged sequence lengths, head dims 64 and
+128. GPU lane: bfloat16/float16 at full sizes.
+
+The yardstick for the numerics rule is attention written plainly in the kernel's
+precision (scores, softmax and products all in that dtype), as in the flash-attention
+test suite.
+"""
+import math
+
+import pytest
+import torch
+from conftest import requires_cuda
+from numerics import GRAD_FACTOR, assert_close_to_reference
+
+import llmkernels
+from llmkernels import backends
+from llmkernels.attention import causal_mask, flash_attention_reference
+from llmkernels.triton.attention import supports_flash_attention
+
+pytestmark = pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")
+
+ops = torch.ops.llmkernels
+
+
+def _randn(shape, dtype, generator, device="cpu", scale=1.0):
+    return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+
+
+def _plain_attention(q, k, v, causal, scale):
+    """Attention in q's own precision, no upcasting: PyTorch's accuracy in that dtype."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _log_sum_exp64(q, k, causal, scale):
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    scores = (q.double() @ k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return torch.logsumexp(scores, dim=-1)  # (B, H, S)
+
+
+def _check_attention(q, k, v, causal, generator, scale=None, floor=1e-5):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    grad_out = _randn(q.shape, q.dtype, generator, q.device)
+    out, lse = ops.triton_flash_attention_forward(q, k, v, causal, scale)
+    grads = ops.triton_flash_attention_backward(grad_out, q, k, v, out, lse, causal, scale)
+
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = flash_attention_reference(*inputs64, causal, scale)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double())
+    inputs_p = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out_p = _plain_attention(*inputs_p, causal, scale)
+    grads_p = torch.autograd.grad(out_p, inputs_p, grad_out)
+
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert_close_to_reference(out, out_p, out64, floor=floor, name="attention out")
+    torch.testing.assert_close(lse.double(), _log_sum_exp64(q, k, causal, scale), atol=1e-4, rtol=1e-5)
+    for name, grad, grad_p, grad64, like in zip(("grad_q", "grad_k", "grad_v"), grads, grads_p, grads64, (q, k, v)):
+        assert grad.dtype == like.dtype and grad.shape == like.shape
+        assert_close_to_reference(grad, grad_p, grad64, factor=GRAD_FACTOR, floor=floor, name=name)
+
+
+# ------------------------------------------------------------------- CPU lane
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("seq_len, head_dim", [(1, 64), (17, 64), (113, 64), (17, 128), (113, 128)])
+def test_attention_matches_reference(seq_len, head_dim, causal, dtype, generator):
+    q, k, v = (_randn((1, 2, seq_len, head_dim), dtype, generator) for _ in range(3))
+    _check_attention(q, k, v, causal, generator)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_query_attention(dtype, generator):
+    q = _randn((2, 4, 37, 32), dtype, generator)
+    k, v = (_randn((2, 2, 37, 32), dtype, generator) for _ in range(2))
+    _check_attention(q, k, v, True, generator)
+
+
+def test_strided_inputs_and_explicit_scale(generator):
+    """q, k, v as views of a (B, S, 3, H, D) projection, transposed to (B, H, S, D)."""
+    qkv = _randn((1, 45, 3, 2, 32), torch.float32, generator)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, not contiguous
+    _check_attention(q, k, v, True, generator, scale=0.3)
+    grad_out = _randn((1, 45, 2, 32), torch.float32, generator).transpose(1, 2)  # strided grad_out
+    out, lse = ops.triton_flash_attention_forward(q, k, v, False, 0.3)
+    grads = ops.triton_flash_attention_backward(grad_out, q, k, v, out, lse, False, 0.3)
+    contiguous = [t.contiguous() for t in (grad_out, q, k, v)]
+    expected = ops.triton_flash_attention_backward(*contiguous, out, lse, False, 0.3)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_large_scores_are_finite(generator):
+    """Inputs x10: scores in the thousands, the online softmax must not overflow.
+
+    The floor is larger here: the backward recomputes P = exp(s - lse) with s and lse near
+    1e3, where one float32 ulp is 6e-5, so P carries ~1e-4 relative error (as in every
+    flash attention that saves the log-sum-exp), which plain softmax does not."""
+    q, k, v = (_randn((1, 2, 50, 64), torch.float32, generator, scale=10.0) for _ in range(3))
+    _check_attention(q, k, v, True, generator, floor=1e-3)
+
+
+def test_public_api_with_triton_backend(generator):
+    """llmkernels.flash_attention with backend="triton": forward and autograd through the ops."""
+    q, k, v = (_randn((1, 2, 23, 16), torch.float32, generator).requires_grad_() for _ in range(3))
+    out = llmkernels.flash_attention(q, k, v, causal=True, backend="triton")
+    grads = torch.autograd.grad((out * out).sum(), (q, k, v))
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = flash_attention_reference(*inputs64, True, None)
+    grads64 = torch.autograd.grad((out64 * out64).sum(), inputs64)
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    for grad, grad64 in zip(grads, grads64):
+        torch.testing.assert_close(grad.double(), grad64, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck(generator):
+    """Schema, fake (shape-only) implementation and tracing of the ops agree with eager."""
+    q, k, v, grad_out = (_randn((1, 2, 9, 16), torch.float32, generator) for _ in range(4))
+    out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.25)
+    torch.library.opcheck(ops.triton_flash_attention_forward, (q, k, v, True, 0.25))
+    torch.library.opcheck(ops.triton_flash_attention_backward, (grad_out, q, k, v, out, lse, True, 0.25))
+
+
+def test_supports_refuses_with_reason():
+    q = torch.zeros(1, 2, 8, 96)
+    assert "head_dim 96" in supports_flash_attention(q, q, q)
+    q = torch.zeros(1, 3, 8, 64)
+    kv = torch.zeros(1, 2, 8, 64)
+    assert "multiple" in supports_flash_attention(q, kv, kv)
+    assert "dtype" in supports_flash_attention(q.int(), q.int(), q.int())
+    assert supports_flash_attention(q, q, q) is None
+
+
+# ------------------------------------------------------------------- GPU lane
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq_len", [1, 17, 113, 1023, 1025])
+def test_attention_gpu(seq_len, head_dim, causal, dtype, generator):
+    q, k, v = (_randn((2, 3, seq_len, head_dim), dtype, generator, "cuda") for _ in range(3))
+    _check_attention(q, k, v, causal, generator)
+
+
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_grouped_query_attention_gpu(head_dim, generator):
+    q = _randn((2, 8, 1025, head_dim), torch.bfloat16, generator, "cuda")
+    k, v = (_randn((2, 2, 1025, head_dim), torch.bfloat16, generator, "cuda") for _ in range(2))
+    _check_attention(q, k, v, True, generator)
+
+
+@requires_cuda
+def test_attention_gpt2_shape_gpu(generator):
+    """The benchmark shape: B16 H12 S1024 D64, from a fused qkv projection (strided views)."""
+    qkv = _randn((16, 1024, 3, 12, 64), torch.bfloat16, generator, "cuda")
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views
+    _check_attention(q, k, v, True, generator)
+
+
+@requires_cuda
+def test_attention_compile_fullgraph(generator):
+    q, k, v = (_randn((2, 4, 129, 64), torch.bfloat16, generator, "cuda").requires_grad_() for _ in range(3))
+
+    def f(q, k, v):
+        return ops.triton_flash_attention_forward(q, k, v, True, 0.125)[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    compiled(q, k, v).float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
