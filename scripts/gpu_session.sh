@@ -27,12 +27,17 @@ SUMMARY=()
 stage() { echo "=== [$SECONDS s] $*" | tee -a "$LOG"; }
 record() { SUMMARY+=("$(printf '%-28s %s' "$1" "$2")"); }
 
-# ---- compute-sanitizer runs: FILLED IN BY THE LEAD from the CUDA helpers' sanitizer subsets.
-# One entry per run, "<tool>|<command>"; tool is memcheck, racecheck, initcheck or synccheck.
-# Keep each subset small (tiny shapes): the sanitizers slow kernels down 10-100x.
+# ---- compute-sanitizer runs, one per entry: "<tool>|<arguments after --tool TOOL>".
+# Each test file keeps a small sanitizer subset (tiny shapes): the sanitizers slow kernels
+# down 10-100x. --kernel-name limits checking to our kernels (namespace llmkernels for
+# LayerNorm/GELU; every attention kernel's name contains "attention").
+NORM_GELU_SUBSET="--kernel-name kns=llmkernels python3 -m pytest tests/test_cuda_norm_gelu.py -q -x -p no:cacheprovider -k sanitizer_subset"
+ATTENTION_SUBSET="--kernel-name kns=attention env LLMKERNELS_SANITIZER_SWEEP=1 python3 -m pytest tests/test_cuda_attention.py -q -x -p no:cacheprovider -k reference_sweep"
 SANITIZER_RUNS=(
-  # "memcheck|python3 -m pytest tests/test_gelu.py -q -x -k sanitizer"
-  # "racecheck|python3 -m pytest tests/test_attention.py -q -x -k sanitizer"
+  "memcheck|$NORM_GELU_SUBSET"
+  "racecheck|$NORM_GELU_SUBSET"
+  "memcheck|$ATTENTION_SUBSET"
+  "racecheck|$ATTENTION_SUBSET"
 )
 
 stage "device"

@@ -11,8 +11,29 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import llmkernels  # noqa: E402
+from llmkernels import backends  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_extension = pytest.mark.skipif(
+    not backends.CUDA_EXTENSION_LOADED, reason="the CUDA extension llmkernels._C is not built here"
+)
+requires_cuda_kernels = pytest.mark.skipif(
+    not (backends.CUDA_EXTENSION_LOADED and torch.cuda.is_available()),
+    reason="needs the CUDA extension and a CUDA device",
+)
+
+# The op contract: one schema per fused op, shared by the CUDA extension and (with a
+# triton_ prefix) the Triton kernels.
+OP_SCHEMAS = {
+    "gelu_forward": "llmkernels::gelu_forward(Tensor x) -> Tensor",
+    "gelu_backward": "llmkernels::gelu_backward(Tensor grad_out, Tensor x) -> Tensor",
+    "bias_gelu_forward": "llmkernels::bias_gelu_forward(Tensor x, Tensor bias) -> Tensor",
+    "bias_gelu_backward": "llmkernels::bias_gelu_backward(Tensor grad_out, Tensor x, Tensor bias) -> (Tensor, Tensor)",
+    "layer_norm_forward": "llmkernels::layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_backward": "llmkernels::layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    "flash_attention_forward": "llmkernels::flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
+    "flash_attention_backward": "llmkernels::flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
+}
 
 
 def pytest_report_header(config):

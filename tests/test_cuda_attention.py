@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import llmkernels
-from llmkernels import backends
 from llmkernels.attention import flash_attention_reference
 
+from conftest import OP_SCHEMAS, requires_cuda_kernels, requires_extension
 from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
 
 SANITIZER_SWEEP = os.environ.get("LLMKERNELS_SANITIZER_SWEEP") == "1"
@@ -35,18 +35,7 @@ BATCH, HEADS = 2, 3  # small and odd
 OUTPUT_FLOOR = 1e-5
 GRAD_FLOOR = 1e-4  # dS = P * (dP - delta) cancels; fp32 summation order alone leaves ~1e-6
 
-SCHEMAS = {
-    "flash_attention_forward": "llmkernels::flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
-    "flash_attention_backward": "llmkernels::flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
-}
-
-requires_extension = pytest.mark.skipif(
-    not backends.CUDA_EXTENSION_LOADED, reason="the CUDA extension llmkernels._C is not built here"
-)
-requires_cuda_kernels = pytest.mark.skipif(
-    not (backends.CUDA_EXTENSION_LOADED and torch.cuda.is_available()),
-    reason="needs the CUDA extension and a CUDA device",
-)
+SCHEMAS = {name: schema for name, schema in OP_SCHEMAS.items() if name.startswith("flash_attention")}
 
 
 def cuda_forward(q, k, v, causal, scale):

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import llmkernels
-from llmkernels import backends
 from llmkernels.gelu import bias_gelu_reference, gelu_reference
 from llmkernels.layer_norm import layer_norm_reference
 
+from conftest import OP_SCHEMAS, requires_cuda_kernels, requires_extension
 from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
 
 ROWS = (1, 3, 1000)
@@ -34,22 +34,7 @@ EPS = 1e-5
 OUTPUT_FLOOR = 1e-5
 GRAD_FLOOR = 1e-5
 
-SCHEMAS = {
-    "gelu_forward": "llmkernels::gelu_forward(Tensor x) -> Tensor",
-    "gelu_backward": "llmkernels::gelu_backward(Tensor grad_out, Tensor x) -> Tensor",
-    "bias_gelu_forward": "llmkernels::bias_gelu_forward(Tensor x, Tensor bias) -> Tensor",
-    "bias_gelu_backward": "llmkernels::bias_gelu_backward(Tensor grad_out, Tensor x, Tensor bias) -> (Tensor, Tensor)",
-    "layer_norm_forward": "llmkernels::layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
-    "layer_norm_backward": "llmkernels::layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
-}
-
-requires_extension = pytest.mark.skipif(
-    not backends.CUDA_EXTENSION_LOADED, reason="the CUDA extension llmkernels._C is not built here"
-)
-requires_cuda_kernels = pytest.mark.skipif(
-    not (backends.CUDA_EXTENSION_LOADED and torch.cuda.is_available()),
-    reason="needs the CUDA extension and a CUDA device",
-)
+SCHEMAS = {name: schema for name, schema in OP_SCHEMAS.items() if not name.startswith("flash_attention")}
 ops = torch.ops.llmkernels
 
 

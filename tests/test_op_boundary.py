@@ -11,18 +11,7 @@ import torch.nn.functional as F
 import llmkernels
 from llmkernels import backends
 
-from conftest import requires_cuda
-
-FUSED_SCHEMAS = {
-    "gelu_forward": "llmkernels::gelu_forward(Tensor x) -> Tensor",
-    "gelu_backward": "llmkernels::gelu_backward(Tensor grad_out, Tensor x) -> Tensor",
-    "bias_gelu_forward": "llmkernels::bias_gelu_forward(Tensor x, Tensor bias) -> Tensor",
-    "bias_gelu_backward": "llmkernels::bias_gelu_backward(Tensor grad_out, Tensor x, Tensor bias) -> (Tensor, Tensor)",
-    "layer_norm_forward": "llmkernels::layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
-    "layer_norm_backward": "llmkernels::layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
-    "flash_attention_forward": "llmkernels::flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
-    "flash_attention_backward": "llmkernels::flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
-}
+from conftest import OP_SCHEMAS, requires_cuda
 
 
 def randn(*shape, generator, dtype=torch.float64, requires_grad=False):
@@ -44,7 +33,7 @@ def test_available_backends_says_what_runs_and_why_not():
 @pytest.mark.skipif(os.environ.get("LLMKERNELS_EXPECT_EXTENSION") != "1", reason="only where the build promises the extension (CI, GPU script)")
 def test_extension_was_built_and_registers_every_schema():
     assert backends.CUDA_EXTENSION_LOADED, llmkernels.available_backends()["cuda"][1]
-    for name, schema in FUSED_SCHEMAS.items():
+    for name, schema in OP_SCHEMAS.items():
         assert str(getattr(torch.ops.llmkernels, name).default._schema) == schema
     if not torch.cuda.is_available():
         assert llmkernels.available_backends()["cuda"] == (False, "the CUDA extension is built, but no CUDA device is available")
@@ -58,7 +47,7 @@ def test_cuda_op_on_cpu_tensor_is_a_clear_error_not_a_crash(generator):
 
 @pytest.mark.skipif(not backends.TRITON_IMPORTABLE, reason="triton is not installed")
 def test_triton_ops_share_the_cuda_schemas():
-    for name, schema in FUSED_SCHEMAS.items():
+    for name, schema in OP_SCHEMAS.items():
         triton_schema = str(getattr(torch.ops.llmkernels, "triton_" + name).default._schema)
         assert triton_schema == schema.replace("llmkernels::", "llmkernels::triton_")
 
