@@ -94,12 +94,16 @@ for _backend in backends.registered_fused_backends():
 
 
 # ------------------------------------------------------------------------- dispatch
-def _flash_attention_unsupported(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
+def _flash_attention_unsupported(
+    backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+) -> Optional[str]:
     if backend == "reference":
         return None
     if q.shape[2] != k.shape[2]:
         return f"query length {q.shape[2]} differs from key length {k.shape[2]} (KV-cache decoding)"
     if backend == "triton":
+        if scale is not None and not scale > 0:  # its kernels take the row max before scaling
+            return f"scale must be positive, got {scale}"
         return triton_attention.supports_flash_attention(q, k, v)
     if q.device.type != "cuda":
         return f"q is on {q.device}, the CUDA kernels need CUDA tensors"
@@ -149,7 +153,7 @@ def flash_attention(
     scale defaults to 1/sqrt(D); the causal mask is aligned bottom-right (see causal_mask)."""
     _check_attention_inputs(q, k, v, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chosen = backends.select_backend("flash_attention", backend, q, k, v)
+    chosen = backends.select_backend("flash_attention", backend, q, k, v, scale=scale)
     if chosen == "reference":
         return flash_attention_reference(q, k, v, causal, scale)
     out, _lse = backends.fused_op(chosen, "flash_attention_forward")(q, k, v, causal, scale)

@@ -109,6 +109,13 @@ def test_auto_picks_the_first_backend_that_supports_the_call(generator):
     assert llmkernels.explain("gelu", x, "none")["triton"] is not None
 
 
+def test_auto_attention_with_a_non_positive_scale_falls_back_correctly(generator):
+    q, k, v = (randn(1, 2, 9, 16, generator=generator, dtype=torch.float32) for _ in range(3))
+    assert llmkernels.explain("flash_attention", q, k, v, scale=-0.5)["triton"] == "scale must be positive, got -0.5"
+    expected = llmkernels.flash_attention_reference(q, k, v, causal=True, scale=-0.5)
+    torch.testing.assert_close(llmkernels.flash_attention(q, k, v, scale=-0.5), expected)
+
+
 def test_environment_variable_replaces_auto_but_not_an_explicit_backend(monkeypatch, generator):
     x = randn(4, 8, generator=generator, dtype=torch.float32)
     monkeypatch.setenv(backends.BACKEND_ENV_VAR, "reference")
