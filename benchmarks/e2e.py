@@ -18,15 +18,10 @@ CONFIGS = [("eager", False), ("eager", True), ("compile", False), ("compile", Tr
 
 
 def _optimizer(model, device: str):
-    """llm's own optimizer builder (fused AdamW on CUDA); plain AdamW if llm.train is missing."""
-    lr, weight_decay, betas = 6e-4, 0.1, (0.9, 0.95)
-    try:
-        from llm.train import build_optimizer
-    except ImportError as error:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas,
-                                      fused=device == "cuda")
-        return optimizer, f"torch.optim.AdamW(fused={device == 'cuda'}) (llm.train.build_optimizer: {error})"
-    return build_optimizer(model, lr, weight_decay, betas, device), "llm.train.build_optimizer"
+    """llm's own optimizer (fused AdamW on CUDA), with GPT-2's hyperparameters."""
+    from llm.train import build_optimizer
+
+    return build_optimizer(model, 6e-4, 0.1, (0.9, 0.95), device), "llm.train.build_optimizer"
 
 
 def plan(device: str, quick: bool, use_compile: bool) -> list[dict]:
