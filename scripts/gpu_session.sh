@@ -9,7 +9,12 @@
 #   bench.log       python -m benchmarks output
 #   bench/results.json, bench/results.md, bench/summary.png
 # Knobs (environment): SESSION_BUDGET_S (540), BENCH_ARGS ("all"), SKIP_BUILD=1, SKIP_TESTS=1,
-# SKIP_SANITIZERS=1, TESTS_TIMEOUT_S (240), SANITIZER_TIMEOUT_S (120).
+# SKIP_SANITIZERS=1, SKIP_BENCH=1, TESTS_TIMEOUT_S (240), SANITIZER_TIMEOUT_S (120).
+#
+# A device command may run 10 minutes, so a first session splits the work in two calls made
+# back to back (the machine stays warm, and with it the build):
+#   SKIP_BENCH=1 bash scripts/gpu_session.sh                                  # build, tests, sanitizers
+#   SKIP_BUILD=1 SKIP_TESTS=1 SKIP_SANITIZERS=1 bash scripts/gpu_session.sh   # benchmarks
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,17 +86,19 @@ if [ "${SKIP_SANITIZERS:-0}" != 1 ]; then
   done
 fi
 
-# The benchmarks get what is left of the session, less time to write their outputs; the
-# command skips (and records) the cases that would start past the budget.
-bench_budget=$((SESSION_BUDGET_S - SECONDS - 40))
-[ $bench_budget -lt 60 ] && bench_budget=60
-stage "benchmarks: python -m benchmarks $BENCH_ARGS (time budget ${bench_budget} s)"
-# shellcheck disable=SC2086
-timeout $((bench_budget + 120)) python3 -m benchmarks $BENCH_ARGS --out "$OUT/bench" --time-budget "$bench_budget" \
-  >"$OUT/bench.log" 2>&1
-rc=$?
-record "benchmarks" "rc=$rc ($SECONDS s); skipped for time: $(grep -o '"skipped": "time budget[^"]*"' "$OUT/bench/results.json" 2>/dev/null | wc -l) measurements"
-[ $rc -ne 0 ] && tail -30 "$OUT/bench.log"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  # The benchmarks get what is left of the session, less time to write their outputs; the
+  # command skips (and records) the cases that would start past the budget.
+  bench_budget=$((SESSION_BUDGET_S - SECONDS - 40))
+  [ $bench_budget -lt 60 ] && bench_budget=60
+  stage "benchmarks: python -m benchmarks $BENCH_ARGS (time budget ${bench_budget} s)"
+  # shellcheck disable=SC2086
+  timeout $((bench_budget + 60)) python3 -m benchmarks $BENCH_ARGS --out "$OUT/bench" --time-budget "$bench_budget" \
+    >"$OUT/bench.log" 2>&1
+  rc=$?
+  record "benchmarks" "rc=$rc ($SECONDS s); skipped for time: $(grep -o '"skipped": "time budget[^"]*"' "$OUT/bench/results.json" 2>/dev/null | wc -l) measurements"
+  [ $rc -ne 0 ] && tail -30 "$OUT/bench.log"
+fi
 
 stage "done"
 grep -A3 "^## Anchors" "$OUT/bench/results.md" 2>/dev/null | sed -n 3p

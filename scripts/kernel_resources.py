@@ -19,7 +19,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from torch.utils import cpp_extension
+if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"  # as setup.py: torch would guess from PATH
+from torch.utils import cpp_extension  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
