@@ -620,14 +620,18 @@ LayerNormParams prepare_params(const at::Tensor& x, const std::optional<at::Tens
   return {as_dtype(weight), as_dtype(bias), dtype == at::kFloat};
 }
 
-// Number of columns (x's last dimension), checked to fit the kernels' int indexing.
+// Number of columns (x's last dimension), checked to fit the kernels' int indexing. 0 is allowed:
+// like the fake implementation (llmkernels/layer_norm.py), such an x has 0 rows (layer_norm_rows).
 int layer_norm_cols(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
   const int64_t cols = x.size(-1);
-  TORCH_CHECK(cols >= 1 && cols < (int64_t(1) << 31),
-              "x: last dimension (normalized size) must be in [1, 2^31), got ", cols);
+  TORCH_CHECK(cols < (int64_t(1) << 31),
+              "x: last dimension (normalized size) must be below 2^31, got ", cols);
   return int(cols);
 }
+
+// Rows of x as the kernels see it (all leading dimensions); 0 when cols is 0, matching the fake.
+int64_t layer_norm_rows(const at::Tensor& x, int cols) { return cols == 0 ? 0 : x.numel() / cols; }
 
 }  // namespace
 
@@ -641,7 +645,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
   // The kernels index x as dense (rows, cols): a strided view is copied once here (a no-op for
   // the usual contiguous activation).
   const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.numel() / cols;
+  const int64_t rows = layer_norm_rows(x, cols);
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
@@ -672,7 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   check_float_input(x_in, "x");
   check_grad_out(grad_out_in, x_in);
   const int cols = layer_norm_cols(x_in);
-  const int64_t rows = x_in.numel() / cols;
+  const int64_t rows = layer_norm_rows(x_in, cols);
   for (const auto& [stat, arg] : {std::pair{&mean_in, "mean"}, std::pair{&rstd_in, "rstd"}}) {
     check_cuda_tensor(*stat, arg);
     TORCH_CHECK(stat->device() == x_in.device(), arg, " must be on x's device ", x_in.device(),

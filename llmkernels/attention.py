@@ -18,6 +18,10 @@ from .validation import check_same_device, check_same_dtype, check_tensor
 
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_MAX_GRID_DIM = 65535  # batch and heads are grid dimensions y and z
+# The largest shared-memory tile of the forward/backward kernels per head dim
+# (csrc/flash_attention.cu, TILES): D=128 fits A100/H100 but not the 99 KB of sm_86/sm_89.
+CUDA_SHARED_MEMORY_BYTES = {64: 56_320, 128: 104_448}
 
 if backends.TRITON_IMPORTABLE:
     from .triton import attention as triton_attention
@@ -113,6 +117,12 @@ def _flash_attention_unsupported(
         return f"head_dim {q.shape[-1]} is not supported {CUDA_HEAD_DIMS}"
     if k.shape[1] != q.shape[1]:
         return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key/value heads) is not supported"
+    if max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID_DIM:
+        return f"batch {q.shape[0]} and heads {q.shape[1]} must each be <= {CUDA_MAX_GRID_DIM} (grid dimensions)"
+    shared_memory = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    if shared_memory < CUDA_SHARED_MEMORY_BYTES[q.shape[-1]]:
+        return (f"head_dim {q.shape[-1]} needs {CUDA_SHARED_MEMORY_BYTES[q.shape[-1]]} bytes of shared memory per "
+                f"block, this GPU offers {shared_memory}")
     return None
 
 

@@ -174,6 +174,62 @@ def test_strided_and_misaligned_inputs_match_contiguous_ones(dtype, generator):
 
 @requires_cuda_kernels
 @pytest.mark.gpu
+def test_zero_stride_operands_match_contiguous_ones(generator):
+    # loss = out.sum() hands backward a grad_out of ones with every stride 0 (the last dim
+    # is not contiguous: the host must copy it); k and v shared across the batch by
+    # expand() have batch stride 0, which the kernels read in place.
+    shape = (BATCH, HEADS, 113, 64)
+    q, k, v, _ = random_inputs(shape, torch.bfloat16, generator)
+    k, v = k[:1].expand(shape), v[:1].expand(shape)
+    grad_out = torch.ones((), device="cuda", dtype=torch.bfloat16).expand(shape)
+    out, lse = cuda_forward(q, k, v, True, 0.125)
+    expected_out, expected_lse = cuda_forward(q, k.contiguous(), v.contiguous(), True, 0.125)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    grads = cuda_backward(grad_out, q, k, v, out, lse, True, 0.125)
+    expected_grads = cuda_backward(grad_out.contiguous(), q, k.contiguous(), v.contiguous(), out, lse, True, 0.125)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert torch.equal(a, b), f"{name} depends on zero strides"
+    check_against_reference(q, k, v, grad_out, True, 0.125)
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+def test_tensors_past_2_to_the_31_elements_are_indexed_in_64_bits():
+    # (2, 8200, 1024, 128) holds 2.15e9 > 2^31 elements: a 32-bit element offset anywhere
+    # (input rows, output stores, lse/delta) would wrap in batch 1's last heads. Batch 1
+    # repeats batch 0's inputs, so every output must repeat bitwise (heads are independent,
+    # same code path), and the last heads must equal a standalone run on just them.
+    batch, heads, seq, head_dim = 2, 8200, 1024, 128
+    assert batch * heads * seq * head_dim > 2**31
+    tensor_bytes = batch * heads * seq * head_dim * 2
+    if torch.cuda.mem_get_info()[0] < 9 * tensor_bytes:  # q, k, v, out, dq, dk, dv + slack
+        pytest.skip("needs ~40 GB of free GPU memory")
+    cuda_generator = torch.Generator(device="cuda").manual_seed(1234)
+
+    def repeated_over_batch():
+        one = torch.randn((1, heads, seq, head_dim), device="cuda", dtype=torch.bfloat16, generator=cuda_generator)
+        return one.expand(batch, -1, -1, -1).contiguous()
+
+    q, k, v = repeated_over_batch(), repeated_over_batch(), repeated_over_batch()
+    grad_out = torch.randn((1, heads, seq, head_dim), device="cuda", dtype=torch.bfloat16, generator=cuda_generator)
+    grad_out = grad_out.expand(batch, -1, -1, -1)  # batch stride 0, read in place
+    out, lse = cuda_forward(q, k, v, True, 0.125)
+    grads = cuda_backward(grad_out, q, k, v, out, lse, True, 0.125)
+    torch.cuda.synchronize()
+    tail = (slice(1, 2), slice(heads - 2, heads))  # batch 1, last two heads: past 2^31
+    tail_out, tail_lse = cuda_forward(q[tail].contiguous(), k[tail].contiguous(), v[tail].contiguous(), True, 0.125)
+    tail_grads = cuda_backward(
+        grad_out[tail].contiguous(), q[tail].contiguous(), k[tail].contiguous(), v[tail].contiguous(),
+        tail_out, tail_lse, True, 0.125,
+    )
+    for name, full, alone in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (tail_out, tail_lse, *tail_grads)):
+        assert torch.equal(full[0], full[1]), f"{name}: batch 1 differs from batch 0 (same inputs)"
+        assert torch.equal(full[tail], alone), f"{name}: the last heads differ from a standalone run"
+        assert torch.isfinite(alone).all(), name
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
 def test_public_function_with_autograd_runs_the_cuda_ops(generator):
     q, k, v, grad_out = random_inputs((BATCH, HEADS, 257, 64), torch.bfloat16, generator)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -202,6 +258,15 @@ def test_unsupported_head_dim_is_refused_and_auto_falls_back(generator):
 
 @requires_cuda_kernels
 @pytest.mark.gpu
+def test_more_heads_than_the_grid_holds_falls_back(generator):
+    q = torch.randn((1, 65536, 2, 64), generator=generator).to("cuda", torch.float16)  # grid y holds 65535
+    assert "must each be <= 65535" in llmkernels.explain("flash_attention", q, q, q)["cuda"]
+    expected = flash_attention_reference(q, q, q, True, 0.125)
+    torch.testing.assert_close(llmkernels.flash_attention(q, q, q), expected, atol=2e-3, rtol=2e-3)
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
 def test_bad_inputs_are_clear_errors_naming_the_argument(generator):
     q, k, v, grad_out = random_inputs((1, 2, 33, 64), torch.float16, generator)
     with pytest.raises(RuntimeError, match="k must have q's dtype"):
@@ -219,3 +284,8 @@ def test_bad_inputs_are_clear_errors_naming_the_argument(generator):
         cuda_backward(grad_out.float(), q, k, v, out, lse, True, 0.1)
     with pytest.raises(RuntimeError, match="lse must be float32"):
         cuda_backward(grad_out, q, k, v, out, lse.half(), True, 0.1)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        cuda_backward(grad_out, q, k, v, out, lse[:, :1], True, 0.1)
+    many_heads = torch.zeros((1, 65536, 1, 64), device="cuda", dtype=torch.float16)  # grid y holds 65535
+    with pytest.raises(RuntimeError, match="batch and heads must each be <= 65535"):
+        cuda_forward(many_heads, many_heads, many_heads, True, 0.1)

@@ -274,6 +274,84 @@ def test_layer_norm_strided_and_batched_inputs(dtype, generator):
 
 @requires_cuda_kernels
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    "hidden,dtype",
+    [
+        # bf16/fp16 (8 per vector): warp-per-row 1 and 4 vectors per lane (8, 1024); block-per-row
+        # with 1, 2, 4 vectors per thread, each just past a step (1032, 2056, 4104: 129 threads
+        # needed, 160 launched, the last warp nearly idle) and at a full block (2048, 8192); the
+        # first looped vectorised size (8200).
+        *[(h, torch.bfloat16) for h in (8, 1024, 1032, 2048, 2056, 4104, 8192, 8200)],
+        (1032, torch.float16),
+        # fp32 (4 per vector): the same boundaries at half the element counts.
+        *[(h, torch.float32) for h in (4, 512, 516, 1024, 1028, 2052, 4096, 4100)],
+    ],
+    ids=str,
+)
+def test_layer_norm_kernel_shape_boundaries(hidden, dtype, generator):
+    # 9 rows: the warp-per-row block has one warp with a row and seven idle, then a second block.
+    check_layer_norm(*layer_norm_inputs(9, hidden, dtype, generator))
+    if dtype != torch.float32:
+        check_layer_norm(*layer_norm_inputs(9, hidden, dtype, generator, param_dtype=torch.float32))
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", (8200, 12289))
+def test_layer_norm_looped_kernels_grid_stride(hidden, generator):
+    # 3000 rows exceed the looped kernels' resident grid (~8 blocks per SM), so each block walks
+    # several rows (8200: vectorised; 12289: scalar path).
+    check_layer_norm(*layer_norm_inputs(3000, hidden, torch.bfloat16, generator))
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+def test_kernels_index_past_int32():
+    # More than 2^31 elements: every row/element offset must be computed in 64 bits. Rows and
+    # elements are computed independently of which block or thread handles them, so the tail
+    # of the big tensor must equal the same op run on a copy of that tail alone, bit for bit.
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~25 GB of GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    tail = 5
+    for hidden in (4096, 16384):  # block-per-row, looped
+        rows = (1 << 31) // hidden + 3
+        x = torch.randn((rows, hidden), device="cuda", dtype=torch.bfloat16, generator=gen)
+        grad_out = torch.randn((rows, hidden), device="cuda", dtype=torch.bfloat16, generator=gen)
+        weight = torch.randn((hidden,), device="cuda", dtype=torch.bfloat16, generator=gen)
+        out, mean, rstd = ops.layer_norm_forward(x, weight, None, EPS)
+        small = ops.layer_norm_forward(x[-tail:].clone(), weight, None, EPS)
+        for name, big_t, small_t in zip(("out", "mean", "rstd"), (out, mean, rstd), small):
+            assert torch.equal(big_t[-tail:], small_t), f"{name} (hidden {hidden})"
+        del out
+        grad_x = ops.layer_norm_backward(grad_out, x, weight, mean, rstd)[0]
+        small_grad_x = ops.layer_norm_backward(
+            grad_out[-tail:].clone(), x[-tail:].clone(), weight, mean[-tail:].clone(), rstd[-tail:].clone()
+        )[0]
+        assert torch.equal(grad_x[-tail:], small_grad_x), f"grad_x (hidden {hidden})"
+        del x, grad_out, grad_x
+    n = (1 << 31) + 8 * 3 + 5  # vector body past 2^31 plus a scalar tail
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    grad_out = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    # the last 1005 elements: 125 vectors + the 5-element scalar tail, in both calls
+    last = 1005
+    assert torch.equal(ops.gelu_forward(x)[-last:], ops.gelu_forward(x[-last:].clone()))
+    assert torch.equal(
+        ops.gelu_backward(grad_out, x)[-last:], ops.gelu_backward(grad_out[-last:].clone(), x[-last:].clone())
+    )
+    hidden = 768
+    rows = n // hidden
+    x2, grad_out2 = x[: rows * hidden].view(rows, hidden), grad_out[: rows * hidden].view(rows, hidden)
+    bias = torch.randn((hidden,), device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert torch.equal(ops.bias_gelu_forward(x2, bias)[-tail:], ops.bias_gelu_forward(x2[-tail:].clone(), bias))
+    assert torch.equal(
+        ops.bias_gelu_backward(grad_out2, x2, bias)[0][-tail:],
+        ops.bias_gelu_backward(grad_out2[-tail:].clone(), x2[-tail:].clone(), bias)[0],
+    )
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
 def test_layer_norm_million_rows(generator):
     # 2^20 rows of 8: far more rows than a grid holds blocks; grid-stride loops cover them.
     check_layer_norm(*layer_norm_inputs(1 << 20, 8, torch.bfloat16, generator))
@@ -289,6 +367,13 @@ def test_layer_norm_empty_input():
     assert grad_x.shape == (0, 768)
     assert torch.equal(grad_weight, torch.zeros(768, device="cuda"))
     assert torch.equal(grad_bias, torch.zeros(768, device="cuda"))
+    # hidden 0: no rows, as the fake implementation (llmkernels/layer_norm.py) says
+    x0 = torch.empty(4, 0, device="cuda", dtype=torch.bfloat16)
+    out, mean, rstd = ops.layer_norm_forward(x0, None, None, EPS)
+    assert out.shape == (4, 0) and mean.shape == (0,) and rstd.shape == (0,)
+    grad_x, grad_weight, grad_bias = ops.layer_norm_backward(x0, x0, None, mean, rstd)
+    assert grad_x.shape == (4, 0) and grad_weight.shape == (0,) and grad_bias.shape == (0,)
+    assert ops.bias_gelu_backward(x0, x0, torch.empty(0, device="cuda", dtype=torch.bfloat16))[1].shape == (0,)
 
 
 @requires_cuda_kernels
