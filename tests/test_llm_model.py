@@ -85,3 +85,38 @@ def test_kv_cache_matches_full_forward(use_fused):
     steps = [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(9, 12)]  # one at a time
     torch.testing.assert_close(torch.cat([prefill, chunk, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 12
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_fused_training_step_has_no_graph_break(device):
+    """A training step of the fused model with its forward and loss under
+    torch.compile(fullgraph=True) (any graph break raises) and the backward through it. On CPU the fused ops run in
+    Triton's interpreter (aot_eager traces them as opaque ops); on a GPU inductor compiles
+    the step around the kernels, in bf16 autocast as training runs it."""
+    llmkernels = pytest.importorskip("llmkernels")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = tiny_config(n_embd=64, use_fused=True)  # head_dim 16: the Triton attention takes it
+    model = GPT(config).to(device)
+    idx = torch.randint(0, 97, (2, 17), device=device)
+    q = torch.randn(2, 4, 17, 16, device=device)
+    assert llmkernels.explain("flash_attention", q, q, q)["triton"] is None or device == "cuda"
+
+    def loss_of(model, idx):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return model(idx, idx)[1]
+
+    eager_loss = loss_of(model, idx)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    # fullgraph covers the forward and loss; AOTAutograd traces the backward from it.
+    compiled = torch.compile(loss_of, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    loss = compiled(model, idx)
+    loss.backward()
+    tolerance = dict(atol=2e-2, rtol=2e-2) if device == "cuda" else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, eager_loss, **tolerance)
+    for p, expected in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, expected, **tolerance)
