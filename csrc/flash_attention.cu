@@ -123,6 +123,8 @@
 #include <limits>
 #include <tuple>
 
+#include "vector_io.cuh"
+
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -175,7 +177,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// The element type decides the mma variant, the 16-bit packing and the conversions.
+// The element type decides the mma variant and the 16-bit packing.
 template <typename T>
 struct Element;
 
@@ -193,7 +195,6 @@ struct Element<__nv_bfloat16> {
     __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&pair);
   }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
 template <>
@@ -208,7 +209,6 @@ struct Element<__half> {
     __half2 pair = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&pair);
   }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 };
 
 // ------------------------------------------------------------ warp-level tile math
@@ -513,13 +513,10 @@ __global__ void attention_backward_delta_kernel(HeadStrided grad_out, HeadStride
   const int head = static_cast<int>(batch_head % heads), batch = static_cast<int>(batch_head / heads);
   const T* go = head_start<T>(grad_out, batch, head) + s * grad_out.stride_seq;
   const T* o = head_start<T>(out, batch, head) + s * out.stride_seq;
-  float acc = 0.f;
-  for (int d = lane; d < head_dim; d += 32) acc += Element<T>::to_float(go[d]) * Element<T>::to_float(o[d]);
-  acc += __shfl_xor_sync(kFullMask, acc, 16);
-  acc += __shfl_xor_sync(kFullMask, acc, 8);
-  acc += __shfl_xor_sync(kFullMask, acc, 4);
-  acc = quad_sum(acc);
-  if (lane == 0) delta[row] = acc;
+  float acc[1] = {0.f};
+  for (int d = lane; d < head_dim; d += 32) acc[0] += llmkernels::to_float(go[d]) * llmkernels::to_float(o[d]);
+  llmkernels::warp_reduce_sum(acc);
+  if (lane == 0) delta[row] = acc[0];
 }
 
 // 2. dQ, per query tile; grid (ceil(S / BLOCK_M), H, B), block 32 * BLOCK_M / 16 threads.

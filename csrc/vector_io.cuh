@@ -1,4 +1,5 @@
-// Shared helpers for the memory-bound kernels (layer_norm.cu, gelu.cu).
+// Shared helpers for the memory-bound kernels (layer_norm.cu, gelu.cu; flash_attention.cu takes
+// the conversions and the warp sum).
 //
 // - load_floats / store_floats: move kCount consecutive elements between global memory and fp32
 //   registers in 16-byte vectors (one LDG.128 / STG.128 each, the widest access a thread can make
