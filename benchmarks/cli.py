@@ -87,7 +87,8 @@ def estimate_s(kind: str, item, device: str, use_compile: bool) -> float:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -107,8 +108,8 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 
-    run = {"schema": 1, "started": started.isoformat(timespec="seconds"), "command": ["python", "-m", "benchmarks"]
-           + list(sys.argv[1:] if argv is None else argv), "mode": device, "quick": args.quick, "suites": args.suites,
+    run = {"schema": 1, "started": started.isoformat(timespec="seconds"), "command": ["python", "-m", "benchmarks", *argv],
+           "mode": device, "quick": args.quick, "suites": args.suites,
            "torch_compile": use_compile, "time_budget_s": args.time_budget, "env": env, "timer": timer.settings(),
            "notes": NOTES, "records": [], "e2e": []}
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | out: {out_dir}", flush=True)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
             providers = kernels.providers_for(item.op, device, use_compile)
             run["records"] += kernels.run_case(item, providers, timer, device)
         if time.monotonic() - last_checkpoint > CHECKPOINT_S:  # partial results survive a killed run
-            (out_dir / "results.json").write_text(json.dumps(run))
+            report.write_text(out_dir / "results.json", json.dumps(run))
             last_checkpoint = time.monotonic()
     progress.close()
 

@@ -280,7 +280,8 @@ class Case:
         return entry
 
 
-def _error_text(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
+    """'Type: message' on one line, at most 400 characters of message."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:400]}"
 
@@ -321,7 +322,7 @@ def run_case(case: Case, providers: list[Provider], timer, device: str) -> list[
                     case.record(provider, pass_, skipped=f"unsupported: {error}")
                 else:
                     failure = f"{pass_} failed"
-                    case.record(provider, pass_, error=_error_text(error))
+                    case.record(provider, pass_, error=error_text(error))
             finally:
                 if device == "cuda":
                     _release_memory()

@@ -8,6 +8,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from llm.files import atomic_output
+
 PROVIDER_ORDER = ["ours:cuda", "ours:triton", "ours:reference", "torch:eager", "torch:compile",
                   "sdpa:flash", "sdpa:cudnn", "sdpa:efficient"]
 OP_ORDER = ["attention", "layer_norm", "gelu", "bias_gelu"]
@@ -346,15 +348,21 @@ def plot(run: dict, path: Path) -> None:
         ax.set_title("GPT-2 training step", fontsize=10)
     fig.suptitle(f"llmkernels benchmarks: {run['env']['device']}{' (CPU wall-clock)' if run['mode'] == 'cpu' else ''}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write atomically: a reader (or a killed run) never sees half a file."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_outputs(run: dict, out_dir: Path) -> dict:
     """results.json (everything, every sample), results.md (the tables), summary.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "summary.png"}
-    paths["json"].write_text(json.dumps(run, indent=1))
-    paths["markdown"].write_text(full_markdown(run))
+    write_text(paths["json"], json.dumps(run, indent=1))
+    write_text(paths["markdown"], full_markdown(run))
     plot(run, paths["plot"])
     return paths

@@ -106,9 +106,7 @@ def _flash_attention_unsupported(
     if q.shape[2] != k.shape[2]:
         return f"query length {q.shape[2]} differs from key length {k.shape[2]} (KV-cache decoding)"
     if backend == "triton":
-        if scale is not None and not scale > 0:  # its kernels take the row max before scaling
-            return f"scale must be positive, got {scale}"
-        return triton_attention.supports_flash_attention(q, k, v)
+        return triton_attention.supports_flash_attention(q, k, v, scale)
     if q.device.type != "cuda":
         return f"q is on {q.device}, the CUDA kernels need CUDA tensors"
     if q.dtype not in CUDA_DTYPES:

@@ -34,6 +34,11 @@ def _probe_cuda_extension() -> tuple[bool, bool, str]:
     return True, True, ""
 
 
+# Whether Triton runs its kernels in its CPU interpreter, read like Triton reads it
+# (triton.knobs.runtime.interpret) and once, as Triton does when the kernels are defined.
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
 def _probe_triton() -> tuple[bool, bool, str]:
     """Returns (triton_importable, usable, reason it is not usable)."""
     try:
@@ -42,7 +47,7 @@ def _probe_triton() -> tuple[bool, bool, str]:
         return False, False, "triton is not installed"
     if torch.cuda.is_available():
         return True, True, ""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if TRITON_INTERPRETER:
         return True, True, ""
     return True, False, "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU)"
 

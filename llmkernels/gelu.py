@@ -12,11 +12,10 @@ from typing import Optional
 import torch
 
 from . import backends
-from .validation import check_same_device, check_shape, check_tensor
+from .validation import check_same_device, check_shape, check_tensor, fused_dtype_reason
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBIC_COEFF = 0.044715
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if backends.TRITON_IMPORTABLE:
     from .triton import gelu as triton_gelu
@@ -90,9 +89,7 @@ def cuda_unsupported(x: torch.Tensor) -> Optional[str]:
     """Why the CUDA elementwise/row kernels cannot take x, or None. Shared with layer_norm."""
     if x.device.type != "cuda":
         return f"x is on {x.device}, the CUDA kernels need a CUDA tensor"
-    if x.dtype not in FUSED_DTYPES:
-        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32)"
-    return None
+    return fused_dtype_reason("x", x)
 
 
 def _gelu_unsupported(backend: str, x: torch.Tensor, approximate: str = "tanh") -> Optional[str]:

@@ -1,10 +1,13 @@
 """Input checks shared by the public ops: every message names the argument and what was
-expected, so bad input fails here with a readable error instead of inside a kernel."""
+expected, so bad input fails here with a readable error instead of inside a kernel.
+Also the dtypes the fused kernels take, which the backends' support checks share."""
 from typing import Optional, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What the fused GELU/LayerNorm kernels (CUDA and Triton) and the Triton attention take.
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:
@@ -33,3 +36,10 @@ def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], meaning
     """`meaning` says where the expected shape comes from, e.g. "(hidden,) of x"."""
     if tuple(value.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} {meaning}, got {tuple(value.shape)}")
+
+
+def fused_dtype_reason(name: str, value: torch.Tensor) -> Optional[str]:
+    """None if the fused kernels take value's dtype, else why not (a support check's reason)."""
+    if value.dtype in FUSED_DTYPES:
+        return None
+    return f"{name} dtype {value.dtype} is not supported (float16, bfloat16, float32)"

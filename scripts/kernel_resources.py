@@ -19,11 +19,14 @@ import sys
 import sysconfig
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"  # as setup.py: torch would guess from PATH
 from torch.utils import cpp_extension  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "python"))  # llm from this checkout, installed or not
+from llm.files import atomic_output  # noqa: E402
+
 ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\S+)'")
 SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 USAGE = re.compile(r"Used (\d+) registers(?:.*?, (\d+) bytes smem)?")
@@ -90,9 +93,8 @@ def main(argv=None) -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        temporary = args.out.with_suffix(args.out.suffix + ".tmp")
-        temporary.write_text(table)
-        temporary.replace(args.out)  # atomic: never a half-written report
+        with atomic_output(args.out) as temporary:  # never a half-written report
+            temporary.write_text(table)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ OUTPUT_FACTOR = 2.0
 GRAD_FACTOR = 3.0
 
 
+def randn(shape, dtype, generator, device="cpu", scale=1.0, shift=0.0):
+    """Fresh N(shift, scale^2) values, drawn in float32 on the CPU from the seeded generator
+    (the same values on any machine), then moved to `device` and cast to `dtype`."""
+    return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale + shift).to(device=device, dtype=dtype)
+
+
 def max_abs_error(actual: torch.Tensor, reference_fp64: torch.Tensor) -> float:
     return (actual.double() - reference_fp64.double()).abs().max().item()
 

@@ -23,7 +23,7 @@ import llmkernels
 from llmkernels.attention import flash_attention_reference
 
 from conftest import OP_SCHEMAS, requires_cuda_kernels, requires_extension
-from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
+from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference, randn
 
 SANITIZER_SWEEP = os.environ.get("LLMKERNELS_SANITIZER_SWEEP") == "1"
 # Ragged lengths around the tile sizes (64, 128) and one long run; the sanitizer sweep
@@ -48,8 +48,8 @@ def cuda_backward(grad_out, q, k, v, out, lse, causal, scale):
 
 def random_inputs(shape, dtype, generator, input_scale=1.0):
     """q, k, v, grad_out: fresh N(0, input_scale^2) values (grad_out N(0, 1)) on the GPU."""
-    q, k, v = ((torch.randn(shape, generator=generator) * input_scale).to("cuda", dtype) for _ in range(3))
-    grad_out = torch.randn(shape, generator=generator).to("cuda", dtype)
+    q, k, v = (randn(shape, dtype, generator, "cuda", scale=input_scale) for _ in range(3))
+    grad_out = randn(shape, dtype, generator, "cuda")
     return q, k, v, grad_out
 
 

@@ -15,6 +15,8 @@ Sanitizer subset (small exact-size tensors, every kernel of both files, all dtyp
     allocator every tensor is its own allocation, so memcheck sees any read past its end;
     `--kernel-name kns=llmkernels` instruments only this project's kernels.
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from llmkernels.gelu import bias_gelu_reference, gelu_reference
 from llmkernels.layer_norm import layer_norm_reference
 
 from conftest import OP_SCHEMAS, requires_cuda_kernels, requires_extension
+import numerics
 from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
 
 ROWS = (1, 3, 1000)
@@ -38,9 +41,7 @@ SCHEMAS = {name: schema for name, schema in OP_SCHEMAS.items() if not name.start
 ops = torch.ops.llmkernels
 
 
-def randn(shape, dtype, generator, scale=1.0, shift=0.0):
-    """Fresh N(shift, scale^2) values, drawn on the CPU from the seeded generator, on the GPU."""
-    return (torch.randn(shape, generator=generator) * scale + shift).to("cuda", dtype)
+randn = functools.partial(numerics.randn, device="cuda")  # randn(shape, dtype, generator, scale=, shift=)
 
 
 def misaligned(t):

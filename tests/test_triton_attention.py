@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from conftest import requires_cuda
-from numerics import GRAD_FACTOR, assert_close_to_reference
+from numerics import GRAD_FACTOR, assert_close_to_reference, randn
 
 import llmkernels
 from llmkernels import backends
@@ -23,10 +23,6 @@ from llmkernels.triton.attention import supports_flash_attention
 pytestmark = pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")
 
 ops = torch.ops.llmkernels
-
-
-def _randn(shape, dtype, generator, device="cpu", scale=1.0):
-    return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
 
 
 def _plain_attention(q, k, v, causal, scale):
@@ -50,7 +46,7 @@ def _log_sum_exp64(q, k, causal, scale):
 
 def _check_attention(q, k, v, causal, generator, scale=None, floor=1e-5):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    grad_out = _randn(q.shape, q.dtype, generator, q.device)
+    grad_out = randn(q.shape, q.dtype, generator, q.device)
     out, lse = ops.triton_flash_attention_forward(q, k, v, causal, scale)
     grads = ops.triton_flash_attention_backward(grad_out, q, k, v, out, lse, causal, scale)
 
@@ -74,23 +70,23 @@ def _check_attention(q, k, v, causal, generator, scale=None, floor=1e-5):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("seq_len, head_dim", [(1, 64), (17, 64), (113, 64), (17, 128), (113, 128)])
 def test_attention_matches_reference(seq_len, head_dim, causal, dtype, generator):
-    q, k, v = (_randn((1, 2, seq_len, head_dim), dtype, generator) for _ in range(3))
+    q, k, v = (randn((1, 2, seq_len, head_dim), dtype, generator) for _ in range(3))
     _check_attention(q, k, v, causal, generator)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_grouped_query_attention(dtype, generator):
-    q = _randn((2, 4, 37, 32), dtype, generator)
-    k, v = (_randn((2, 2, 37, 32), dtype, generator) for _ in range(2))
+    q = randn((2, 4, 37, 32), dtype, generator)
+    k, v = (randn((2, 2, 37, 32), dtype, generator) for _ in range(2))
     _check_attention(q, k, v, True, generator)
 
 
 def test_strided_inputs_and_explicit_scale(generator):
     """q, k, v as views of a (B, S, 3, H, D) projection, transposed to (B, H, S, D)."""
-    qkv = _randn((1, 45, 3, 2, 32), torch.float32, generator)
+    qkv = randn((1, 45, 3, 2, 32), torch.float32, generator)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views, not contiguous
     _check_attention(q, k, v, True, generator, scale=0.3)
-    grad_out = _randn((1, 45, 2, 32), torch.float32, generator).transpose(1, 2)  # strided grad_out
+    grad_out = randn((1, 45, 2, 32), torch.float32, generator).transpose(1, 2)  # strided grad_out
     out, lse = ops.triton_flash_attention_forward(q, k, v, False, 0.3)
     grads = ops.triton_flash_attention_backward(grad_out, q, k, v, out, lse, False, 0.3)
     contiguous = [t.contiguous() for t in (grad_out, q, k, v)]
@@ -105,13 +101,13 @@ def test_large_scores_are_finite(generator):
     The floor is larger here: the backward recomputes P = exp(s - lse) with s and lse near
     1e3, where one float32 ulp is 6e-5, so P carries ~1e-4 relative error (as in every
     flash attention that saves the log-sum-exp), which plain softmax does not."""
-    q, k, v = (_randn((1, 2, 50, 64), torch.float32, generator, scale=10.0) for _ in range(3))
+    q, k, v = (randn((1, 2, 50, 64), torch.float32, generator, scale=10.0) for _ in range(3))
     _check_attention(q, k, v, True, generator, floor=1e-3)
 
 
 def test_public_api_with_triton_backend(generator):
     """llmkernels.flash_attention with backend="triton": forward and autograd through the ops."""
-    q, k, v = (_randn((1, 2, 23, 16), torch.float32, generator).requires_grad_() for _ in range(3))
+    q, k, v = (randn((1, 2, 23, 16), torch.float32, generator).requires_grad_() for _ in range(3))
     out = llmkernels.flash_attention(q, k, v, causal=True, backend="triton")
     grads = torch.autograd.grad((out * out).sum(), (q, k, v))
     inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -124,7 +120,7 @@ def test_public_api_with_triton_backend(generator):
 
 def test_opcheck(generator):
     """Schema, fake (shape-only) implementation and tracing of the ops agree with eager."""
-    q, k, v, grad_out = (_randn((1, 2, 9, 16), torch.float32, generator) for _ in range(4))
+    q, k, v, grad_out = (randn((1, 2, 9, 16), torch.float32, generator) for _ in range(4))
     out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.25)
     torch.library.opcheck(ops.triton_flash_attention_forward, (q, k, v, True, 0.25))
     torch.library.opcheck(ops.triton_flash_attention_backward, (grad_out, q, k, v, out, lse, True, 0.25))
@@ -147,29 +143,29 @@ def test_supports_refuses_with_reason():
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("seq_len", [1, 17, 113, 1023, 1025])
 def test_attention_gpu(seq_len, head_dim, causal, dtype, generator):
-    q, k, v = (_randn((2, 3, seq_len, head_dim), dtype, generator, "cuda") for _ in range(3))
+    q, k, v = (randn((2, 3, seq_len, head_dim), dtype, generator, "cuda") for _ in range(3))
     _check_attention(q, k, v, causal, generator)
 
 
 @requires_cuda
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_grouped_query_attention_gpu(head_dim, generator):
-    q = _randn((2, 8, 1025, head_dim), torch.bfloat16, generator, "cuda")
-    k, v = (_randn((2, 2, 1025, head_dim), torch.bfloat16, generator, "cuda") for _ in range(2))
+    q = randn((2, 8, 1025, head_dim), torch.bfloat16, generator, "cuda")
+    k, v = (randn((2, 2, 1025, head_dim), torch.bfloat16, generator, "cuda") for _ in range(2))
     _check_attention(q, k, v, True, generator)
 
 
 @requires_cuda
 def test_attention_gpt2_shape_gpu(generator):
     """The benchmark shape: B16 H12 S1024 D64, from a fused qkv projection (strided views)."""
-    qkv = _randn((16, 1024, 3, 12, 64), torch.bfloat16, generator, "cuda")
+    qkv = randn((16, 1024, 3, 12, 64), torch.bfloat16, generator, "cuda")
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D) views
     _check_attention(q, k, v, True, generator)
 
 
 @requires_cuda
 def test_attention_compile_fullgraph(generator):
-    q, k, v = (_randn((2, 4, 129, 64), torch.bfloat16, generator, "cuda").requires_grad_() for _ in range(3))
+    q, k, v = (randn((2, 4, 129, 64), torch.bfloat16, generator, "cuda").requires_grad_() for _ in range(3))
 
     def f(q, k, v):
         return ops.triton_flash_attention_forward(q, k, v, True, 0.125)[0]

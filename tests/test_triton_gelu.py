@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from numerics import GRAD_FACTOR, assert_close_to_reference
+from numerics import GRAD_FACTOR, assert_close_to_reference, randn
 
 import llmkernels
 from llmkernels import backends
@@ -20,12 +20,8 @@ ops = torch.ops.llmkernels
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
-def _randn(shape, dtype, generator, device="cpu", scale=1.0):
-    return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
-
-
 def _check_gelu(x, generator, floor=1e-5):
-    grad_out = _randn(x.shape, x.dtype, generator, x.device)
+    grad_out = randn(x.shape, x.dtype, generator, x.device)
     y = ops.triton_gelu_forward(x)
     grad_x = ops.triton_gelu_backward(grad_out, x)
 
@@ -42,7 +38,7 @@ def _check_gelu(x, generator, floor=1e-5):
 
 
 def _check_bias_gelu(x, bias, generator, floor=1e-5, bias_floor=1e-4):
-    grad_out = _randn(x.shape, x.dtype, generator, x.device)
+    grad_out = randn(x.shape, x.dtype, generator, x.device)
     y = ops.triton_bias_gelu_forward(x, bias)
     grad_x, grad_bias = ops.triton_bias_gelu_backward(grad_out, x, bias)
 
@@ -65,25 +61,25 @@ def _check_bias_gelu(x, bias, generator, floor=1e-5, bias_floor=1e-4):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (1001,), (37, 1001), (3, 5, 7)])
 def test_gelu_matches_reference(shape, dtype, generator):
-    _check_gelu(_randn(shape, dtype, generator, scale=3.0), generator)
+    _check_gelu(randn(shape, dtype, generator, scale=3.0), generator)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (37, 1001), (3, 5, 17), (300, 7)])
 def test_bias_gelu_matches_reference(shape, dtype, generator):
-    x = _randn(shape, dtype, generator, scale=3.0)
-    bias = _randn(shape[-1:], dtype, generator)
+    x = randn(shape, dtype, generator, scale=3.0)
+    bias = randn(shape[-1:], dtype, generator)
     _check_bias_gelu(x, bias, generator)
 
 
 def test_gelu_strided_input(generator):
-    x = _randn((64, 33), torch.float32, generator)[:, 1::2]  # non-contiguous columns
+    x = randn((64, 33), torch.float32, generator)[:, 1::2]  # non-contiguous columns
     _check_gelu(x, generator)
 
 
 def test_bias_gelu_strided_rows(generator):
-    x = _randn((40, 66), torch.float32, generator)[::3, 1:34]  # strided rows, contiguous last dim
-    bias = _randn((33,), torch.float32, generator)
+    x = randn((40, 66), torch.float32, generator)[::3, 1:34]  # strided rows, contiguous last dim
+    bias = randn((33,), torch.float32, generator)
     _check_bias_gelu(x, bias, generator)
 
 
@@ -91,21 +87,21 @@ def test_bias_gelu_strided_rows(generator):
 def test_gelu_extreme_inputs_are_finite(dtype, generator):
     big = 60000.0 if dtype == torch.float16 else 1e4
     x = torch.tensor([-big, -100.0, -30.0, -10.0, -1e-3, 0.0, 1e-3, 10.0, 30.0, 100.0, big], dtype=dtype)
-    x = torch.cat([x, _randn((1000,), dtype, generator, scale=10.0)])
+    x = torch.cat([x, randn((1000,), dtype, generator, scale=10.0)])
     grad_out = torch.ones_like(x)
     y = ops.triton_gelu_forward(x)
     grad_x = ops.triton_gelu_backward(grad_out, x)
     assert torch.isfinite(y).all() and torch.isfinite(grad_x).all()
     _check_gelu(x, generator)
-    bias = _randn((x.shape[0],), dtype, generator, scale=10.0)
+    bias = randn((x.shape[0],), dtype, generator, scale=10.0)
     grad_x, grad_bias = ops.triton_bias_gelu_backward(grad_out[None], x[None], bias)
     assert torch.isfinite(grad_x).all() and torch.isfinite(grad_bias).all()
 
 
 def test_bias_gelu_backward_is_deterministic(generator):
-    x = _randn((300, 77), torch.float32, generator)
-    bias = _randn((77,), torch.float32, generator)
-    grad_out = _randn((300, 77), torch.float32, generator)
+    x = randn((300, 77), torch.float32, generator)
+    bias = randn((77,), torch.float32, generator)
+    grad_out = randn((300, 77), torch.float32, generator)
     first = ops.triton_bias_gelu_backward(grad_out, x, bias)
     second = ops.triton_bias_gelu_backward(grad_out, x, bias)
     for a, b in zip(first, second):
@@ -114,8 +110,8 @@ def test_bias_gelu_backward_is_deterministic(generator):
 
 def test_public_api_with_triton_backend(generator):
     """llmkernels.gelu / bias_gelu with backend="triton": forward and autograd through the ops."""
-    x = _randn((7, 33), torch.float32, generator).requires_grad_()
-    bias = _randn((33,), torch.float32, generator).requires_grad_()
+    x = randn((7, 33), torch.float32, generator).requires_grad_()
+    bias = randn((33,), torch.float32, generator).requires_grad_()
     y = llmkernels.bias_gelu(x, bias, backend="triton") + llmkernels.gelu(x, backend="triton")
     grad_x, grad_bias = torch.autograd.grad(y.sum(), (x, bias))
     x64, bias64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
@@ -128,8 +124,8 @@ def test_public_api_with_triton_backend(generator):
 
 def test_opcheck(generator):
     """Schema, fake (shape-only) implementation and tracing of the ops agree with eager."""
-    x, grad_out = _randn((5, 33), torch.float32, generator), _randn((5, 33), torch.float32, generator)
-    bias = _randn((33,), torch.float32, generator)
+    x, grad_out = randn((5, 33), torch.float32, generator), randn((5, 33), torch.float32, generator)
+    bias = randn((33,), torch.float32, generator)
     torch.library.opcheck(ops.triton_gelu_forward, (x,))
     torch.library.opcheck(ops.triton_gelu_backward, (grad_out, x))
     torch.library.opcheck(ops.triton_bias_gelu_forward, (x, bias))
@@ -146,23 +142,23 @@ def test_supports_refuses_with_reason():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4099,), (1000, 3072), (16384, 768), (3, 1025, 4096)])
 def test_gelu_gpu(shape, dtype, generator):
-    _check_gelu(_randn(shape, dtype, generator, "cuda", scale=3.0), generator)
+    _check_gelu(randn(shape, dtype, generator, "cuda", scale=3.0), generator)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1000, 3072), (16384, 768), (7, 1025, 4097)])
 def test_bias_gelu_gpu(shape, dtype, generator):
-    x = _randn(shape, dtype, generator, "cuda", scale=3.0)
-    bias = _randn(shape[-1:], dtype, generator, "cuda")
+    x = randn(shape, dtype, generator, "cuda", scale=3.0)
+    bias = randn(shape[-1:], dtype, generator, "cuda")
     _check_bias_gelu(x, bias, generator, bias_floor=1e-2)
 
 
 @requires_cuda
 def test_bias_gelu_backward_is_deterministic_gpu(generator):
-    x = _randn((16384, 3072), torch.bfloat16, generator, "cuda")
-    bias = _randn((3072,), torch.bfloat16, generator, "cuda")
-    grad_out = _randn((16384, 3072), torch.bfloat16, generator, "cuda")
+    x = randn((16384, 3072), torch.bfloat16, generator, "cuda")
+    bias = randn((3072,), torch.bfloat16, generator, "cuda")
+    grad_out = randn((16384, 3072), torch.bfloat16, generator, "cuda")
     first = ops.triton_bias_gelu_backward(grad_out, x, bias)
     second = ops.triton_bias_gelu_backward(grad_out, x, bias)
     for a, b in zip(first, second):
@@ -171,8 +167,8 @@ def test_bias_gelu_backward_is_deterministic_gpu(generator):
 
 @requires_cuda
 def test_ops_compile_fullgraph(generator):
-    x = _randn((64, 768), torch.bfloat16, generator, "cuda").requires_grad_()
-    bias = _randn((768,), torch.bfloat16, generator, "cuda").requires_grad_()
+    x = randn((64, 768), torch.bfloat16, generator, "cuda").requires_grad_()
+    bias = randn((768,), torch.bfloat16, generator, "cuda").requires_grad_()
 
     def f(x, bias):
         return ops.triton_bias_gelu_forward(x, bias) + ops.triton_gelu_forward(x)

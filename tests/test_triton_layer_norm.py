@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from numerics import GRAD_FACTOR, assert_close_to_reference
+from numerics import GRAD_FACTOR, assert_close_to_reference, randn
 
 import llmkernels
 from llmkernels import backends
@@ -21,16 +21,12 @@ ops = torch.ops.llmkernels
 EPS = 1e-5
 
 
-def _randn(shape, dtype, generator, device="cpu", scale=1.0, shift=0.0):
-    return (torch.randn(shape, generator=generator, dtype=torch.float32) * scale + shift).to(device=device, dtype=dtype)
-
-
 def _check_layer_norm(x, weight, bias, generator, floor=1e-5, sum_floor=1e-4):
     """Forward outputs (y, mean, rstd) and all three gradients against float64, with PyTorch's
     F.layer_norm in x's precision as the yardstick. sum_floor covers grad_weight/grad_bias,
     which are sums over rows."""
     hidden = x.shape[-1]
-    grad_out = _randn(x.shape, x.dtype, generator, x.device)
+    grad_out = randn(x.shape, x.dtype, generator, x.device)
     y, mean, rstd = ops.triton_layer_norm_forward(x, weight, bias, EPS)
     grad_x, grad_weight, grad_bias = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
 
@@ -74,41 +70,41 @@ def _check_layer_norm(x, weight, bias, generator, floor=1e-5, sum_floor=1e-4):
     "rows, hidden", [(1, 1), (3, 7), (100, 768), (3, 1000), (100, 1), (2, MAX_ROW_BLOCK + 1000)]
 )
 def test_layer_norm_matches_reference(rows, hidden, dtype, generator):
-    x = _randn((rows, hidden), dtype, generator, scale=2.0, shift=0.5)
-    weight = _randn((hidden,), dtype, generator, shift=1.0)
-    bias = _randn((hidden,), dtype, generator)
+    x = randn((rows, hidden), dtype, generator, scale=2.0, shift=0.5)
+    weight = randn((hidden,), dtype, generator, shift=1.0)
+    bias = randn((hidden,), dtype, generator)
     _check_layer_norm(x, weight, bias, generator)
 
 
 @pytest.mark.parametrize("affine", ["none", "weight_only", "bias_only"])
 def test_layer_norm_optional_weight_and_bias(affine, generator):
-    x = _randn((5, 3, 77), torch.float32, generator)
-    weight = _randn((77,), torch.float32, generator) if affine == "weight_only" else None
-    bias = _randn((77,), torch.float32, generator) if affine == "bias_only" else None
+    x = randn((5, 3, 77), torch.float32, generator)
+    weight = randn((77,), torch.float32, generator) if affine == "weight_only" else None
+    bias = randn((77,), torch.float32, generator) if affine == "bias_only" else None
     _check_layer_norm(x, weight, bias, generator)
 
 
 def test_layer_norm_fp32_weight_with_fp16_input(generator):
-    x = _randn((9, 300), torch.float16, generator)
-    weight = _randn((300,), torch.float32, generator, shift=1.0)
-    bias = _randn((300,), torch.float32, generator)
+    x = randn((9, 300), torch.float16, generator)
+    weight = randn((300,), torch.float32, generator, shift=1.0)
+    bias = randn((300,), torch.float32, generator)
     _check_layer_norm(x, weight, bias, generator)
 
 
 def test_layer_norm_strided_rows(generator):
-    x = _randn((12, 130), torch.float32, generator)[::2, 3:103]  # strided rows, contiguous last dim
-    weight, bias = _randn((100,), torch.float32, generator), _randn((100,), torch.float32, generator)
+    x = randn((12, 130), torch.float32, generator)[::2, 3:103]  # strided rows, contiguous last dim
+    weight, bias = randn((100,), torch.float32, generator), randn((100,), torch.float32, generator)
     _check_layer_norm(x, weight, bias, generator)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layer_norm_extreme_inputs(dtype, generator):
-    x = _randn((6, 513), dtype, generator, scale=10.0)
+    x = randn((6, 513), dtype, generator, scale=10.0)
     x[1] = 3.0  # all-equal row: variance 0
     x[2] = -60.0 if dtype == torch.float16 else -1e4
     x[3, ::2] = 1e3 if dtype == torch.float16 else 1e5  # large values next to small ones
-    weight = _randn((513,), dtype, generator, shift=1.0)
-    bias = _randn((513,), dtype, generator)
+    weight = randn((513,), dtype, generator, shift=1.0)
+    bias = randn((513,), dtype, generator)
     y, mean, rstd = ops.triton_layer_norm_forward(x, weight, bias, EPS)
     grads = ops.triton_layer_norm_backward(torch.ones_like(x), x, weight, mean, rstd)
     for t in (y, mean, rstd, *grads):
@@ -120,8 +116,8 @@ def test_layer_norm_extreme_inputs(dtype, generator):
 @pytest.mark.parametrize("hidden", [1000, MAX_ROW_BLOCK + 1000])
 def test_layer_norm_backward_is_deterministic(hidden, generator):
     rows = 37 if hidden <= MAX_ROW_BLOCK else 5  # the interpreter is slow on long rows
-    x = _randn((rows, hidden), torch.float32, generator)
-    weight, grad_out = _randn((hidden,), torch.float32, generator), _randn((rows, hidden), torch.float32, generator)
+    x = randn((rows, hidden), torch.float32, generator)
+    weight, grad_out = randn((hidden,), torch.float32, generator), randn((rows, hidden), torch.float32, generator)
     _, mean, rstd = ops.triton_layer_norm_forward(x, weight, None, EPS)
     first = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
     second = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
@@ -131,9 +127,9 @@ def test_layer_norm_backward_is_deterministic(hidden, generator):
 
 def test_public_api_with_triton_backend(generator):
     """llmkernels.layer_norm with backend="triton": forward and autograd through the ops."""
-    x = _randn((4, 3, 65), torch.float32, generator).requires_grad_()
-    weight = _randn((65,), torch.float32, generator).requires_grad_()
-    bias = _randn((65,), torch.float32, generator).requires_grad_()
+    x = randn((4, 3, 65), torch.float32, generator).requires_grad_()
+    weight = randn((65,), torch.float32, generator).requires_grad_()
+    bias = randn((65,), torch.float32, generator).requires_grad_()
     y = llmkernels.layer_norm(x, weight, bias, backend="triton")
     grads = torch.autograd.grad((y * y).sum(), (x, weight, bias))
     inputs64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
@@ -146,8 +142,8 @@ def test_public_api_with_triton_backend(generator):
 
 def test_opcheck(generator):
     """Schema, fake (shape-only) implementation and tracing of the ops agree with eager."""
-    x, grad_out = _randn((5, 33), torch.float32, generator), _randn((5, 33), torch.float32, generator)
-    weight, bias = _randn((33,), torch.float32, generator), _randn((33,), torch.float32, generator)
+    x, grad_out = randn((5, 33), torch.float32, generator), randn((5, 33), torch.float32, generator)
+    weight, bias = randn((33,), torch.float32, generator), randn((33,), torch.float32, generator)
     _, mean, rstd = ops.triton_layer_norm_forward(x, weight, bias, EPS)
     torch.library.opcheck(ops.triton_layer_norm_forward, (x, weight, bias, EPS))
     torch.library.opcheck(ops.triton_layer_norm_forward, (x, None, None, EPS))
@@ -167,18 +163,18 @@ def test_supports_refuses_with_reason():
     "rows, hidden", [(1000, 1), (1000, 768), (1000, 1000), (1000, 4096), (16384, 768), (1000, 65536)]
 )
 def test_layer_norm_gpu(rows, hidden, dtype, generator):
-    x = _randn((rows, hidden), dtype, generator, "cuda", scale=2.0, shift=0.5)
-    weight = _randn((hidden,), torch.float32, generator, "cuda", shift=1.0)
-    bias = _randn((hidden,), torch.float32, generator, "cuda")
+    x = randn((rows, hidden), dtype, generator, "cuda", scale=2.0, shift=0.5)
+    weight = randn((hidden,), torch.float32, generator, "cuda", shift=1.0)
+    bias = randn((hidden,), torch.float32, generator, "cuda")
     _check_layer_norm(x, weight, bias, generator, sum_floor=1e-2)
 
 
 @requires_cuda
 @pytest.mark.parametrize("hidden", [768, 65536])
 def test_layer_norm_backward_is_deterministic_gpu(hidden, generator):
-    x = _randn((4096, hidden), torch.bfloat16, generator, "cuda")
-    weight = _randn((hidden,), torch.float32, generator, "cuda")
-    grad_out = _randn((4096, hidden), torch.bfloat16, generator, "cuda")
+    x = randn((4096, hidden), torch.bfloat16, generator, "cuda")
+    weight = randn((hidden,), torch.float32, generator, "cuda")
+    grad_out = randn((4096, hidden), torch.bfloat16, generator, "cuda")
     _, mean, rstd = ops.triton_layer_norm_forward(x, weight, None, EPS)
     first = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
     second = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
@@ -188,8 +184,8 @@ def test_layer_norm_backward_is_deterministic_gpu(hidden, generator):
 
 @requires_cuda
 def test_layer_norm_compile_fullgraph(generator):
-    x = _randn((64, 768), torch.bfloat16, generator, "cuda").requires_grad_()
-    weight = _randn((768,), torch.float32, generator, "cuda").requires_grad_()
+    x = randn((64, 768), torch.bfloat16, generator, "cuda").requires_grad_()
+    weight = randn((768,), torch.float32, generator, "cuda").requires_grad_()
 
     def f(x, weight):
         return ops.triton_layer_norm_forward(x, weight, None, EPS)[0]

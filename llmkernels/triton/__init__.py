@@ -9,12 +9,11 @@ op modules one level up (llmkernels/gelu.py, ...), not here.
 The kernels run on CUDA tensors, or on CPU tensors inside Triton's interpreter when
 TRITON_INTERPRET=1 was set before this package was imported (tests without a GPU).
 
-This file holds what the three modules share: the device/dtype checks, whether the
-interpreter is on (which picks small single configs instead of autotuning), op
+This file holds what the three modules share: the device/dtype and grad_out checks, whether
+the interpreter is on (which picks small single configs instead of autotuning), op
 definition and kernel launch, and the deterministic column sums of per-program partial
 sums used by the LayerNorm and bias-GELU backward passes.
 """
-import os
 from typing import Optional
 
 import torch
@@ -23,33 +22,24 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-# Read once, like Triton itself does when the kernels below are defined.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def device_reason(tensor: torch.Tensor, name: str = "x") -> Optional[str]:
-    """None if the Triton kernels can run on tensor's device, else why not."""
-    if tensor.device.type == "cuda":
-        return None
-    if tensor.device.type == "cpu" and INTERPRETER:
-        return None
-    return f"{name} is on {tensor.device}; the Triton kernels need CUDA (or CPU with TRITON_INTERPRET=1)"
-
-
-def dtype_reason(tensor: torch.Tensor, name: str = "x") -> Optional[str]:
-    """None if the kernels take tensor's dtype here, else why not (the interpreter has no bfloat16)."""
-    if tensor.dtype not in FLOAT_DTYPES:
-        return f"{name} dtype {tensor.dtype} is not supported (float16, bfloat16, float32)"
-    if tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu":
-        return "bfloat16 is not supported by the Triton interpreter on CPU"
-    return None
+from ..backends import TRITON_INTERPRETER as INTERPRETER
+from ..validation import fused_dtype_reason
 
 
 def tensor_reason(tensor: torch.Tensor, name: str = "x") -> Optional[str]:
-    """device_reason, then dtype_reason."""
-    return device_reason(tensor, name) or dtype_reason(tensor, name)
+    """None if the Triton kernels can take tensor's device and dtype here, else why not."""
+    if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and INTERPRETER):
+        return f"{name} is on {tensor.device}; the Triton kernels need CUDA (or CPU with TRITON_INTERPRET=1)"
+    if tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu":
+        return "bfloat16 is not supported by the Triton interpreter on CPU"
+    return fused_dtype_reason(name, tensor)
+
+
+def grad_out_reason(grad_out: torch.Tensor, x: torch.Tensor) -> Optional[str]:
+    """None if grad_out has x's shape, as the elementwise and row backward kernels need."""
+    if grad_out.shape == x.shape:
+        return None
+    return f"grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}"
 
 
 def define_op(name: str):
@@ -88,15 +78,19 @@ def raise_if_unsupported(reason: Optional[str], op: str) -> None:
         raise ValueError(f"{op}: {reason}")
 
 
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy if its last dimension is strided: the kernels take the
+    strides of the other dimensions but read each row as one contiguous vector."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def rows_of(x: torch.Tensor) -> torch.Tensor:
     """x (..., N) as a (rows, N) view whose last dimension is contiguous.
 
     The kernels take a row stride, so a strided batch of rows (e.g. a slice) is read in
     place; only when the last dimension itself is strided, or the leading dimensions
     cannot be flattened into one stride, does this copy."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()  # the kernels read each row as one contiguous vector
-    return x.reshape(-1, x.shape[-1])  # (rows, N): a view when possible, else a copy
+    return last_dim_contiguous(x).reshape(-1, x.shape[-1])  # (rows, N): a view when possible, else a copy
 
 
 # ------------------------------------------------------ deterministic column sums
@@ -147,9 +141,9 @@ from . import attention, gelu, layer_norm  # noqa: E402  (register the ops)
 __all__ = [
     "attention",
     "define_op",
-    "device_reason",
-    "dtype_reason",
     "gelu",
+    "grad_out_reason",
+    "last_dim_contiguous",
     "launch",
     "layer_norm",
     "raise_if_unsupported",

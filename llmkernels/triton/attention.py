@@ -34,15 +34,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETER, define_op, launch, raise_if_unsupported, tensor_reason
+from . import INTERPRETER, define_op, last_dim_contiguous, launch, raise_if_unsupported, tensor_reason
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def supports_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """None if the Triton attention kernels can take q (B, H, S, D), k, v (B, Hkv, S, D), else the reason."""
+def supports_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+) -> Optional[str]:
+    """None if the Triton attention kernels can take q (B, H, S, D), k, v (B, Hkv, S, D)
+    and scale (if given), else the reason."""
+    if scale is not None and not scale > 0:
+        return f"scale must be positive, got {scale}"  # the row max is taken before scaling
     for name, t in (("q", q), ("k", k), ("v", v)):
         reason = tensor_reason(t, name)
         if reason is not None:
@@ -63,18 +68,6 @@ def supports_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     if k.shape[1] == 0 or heads % k.shape[1] != 0:
         return f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})"
     return None
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, op: str) -> None:
-    reason = supports_flash_attention(q, k, v)
-    if reason is None and not scale > 0:
-        reason = f"scale must be positive, got {scale}"  # the row max is taken before scaling
-    raise_if_unsupported(reason, op)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take batch/head/seq strides but read each row of D elements contiguously."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -414,8 +407,8 @@ def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
 def flash_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, scale, "triton_flash_attention_forward")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    raise_if_unsupported(supports_flash_attention(q, k, v, scale), "triton_flash_attention_forward")
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     batch, heads, seq_len, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, S, D)
     lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
@@ -445,7 +438,7 @@ def flash_attention_backward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check(q, k, v, scale, "triton_flash_attention_backward")
+    raise_if_unsupported(supports_flash_attention(q, k, v, scale), "triton_flash_attention_backward")
     for name, t in (("grad_out", grad_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype:
             raise ValueError(
@@ -458,7 +451,7 @@ def flash_attention_backward(
             f"triton_flash_attention_backward: lse must be float32 of shape ({batch}, {heads}, {seq_len}), "
             f"got {lse.dtype} {tuple(lse.shape)}"
         )
-    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (B, H, S, D)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # contiguous (B, Hkv, S, D)

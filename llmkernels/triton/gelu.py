@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import define_op, launch, raise_if_unsupported, rows_of, split_rows, sum_partials, tensor_reason
+from . import (
+    define_op, grad_out_reason, launch, raise_if_unsupported, rows_of, split_rows, sum_partials, tensor_reason,
+)  # fmt: skip
 
 # -2 * sqrt(2/pi) * log2(e): exp(-2u) = exp2(NEG_TWO_SQRT_2_OVER_PI_LOG2E * (x + 0.044715 x^3))
 NEG_TWO_SQRT_2_OVER_PI_LOG2E = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634)
@@ -181,11 +183,7 @@ def gelu_forward(x: torch.Tensor) -> torch.Tensor:
 
 @define_op("llmkernels::triton_gelu_backward")
 def gelu_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    raise_if_unsupported(supports_gelu(x), "triton_gelu_backward")
-    if grad_out.shape != x.shape:
-        raise ValueError(
-            f"triton_gelu_backward: grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}"
-        )
+    raise_if_unsupported(supports_gelu(x) or grad_out_reason(grad_out, x), "triton_gelu_backward")
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block = _flat_block(x.dtype)
     grid = (triton.cdiv(x.numel(), block),)
@@ -215,11 +213,7 @@ def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def bias_gelu_backward(
     grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    raise_if_unsupported(supports_bias_gelu(x, bias), "triton_bias_gelu_backward")
-    if grad_out.shape != x.shape:
-        raise ValueError(
-            f"triton_bias_gelu_backward: grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}"
-        )
+    raise_if_unsupported(supports_bias_gelu(x, bias) or grad_out_reason(grad_out, x), "triton_bias_gelu_backward")
     x2d, grad_out2d = rows_of(x), rows_of(grad_out)  # (rows, N) each
     num_rows, num_cols = x2d.shape
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)

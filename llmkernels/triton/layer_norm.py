@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import define_op, launch, raise_if_unsupported, rows_of, split_rows, sum_partials, tensor_reason
+from . import (
+    define_op, grad_out_reason, launch, raise_if_unsupported, rows_of, split_rows, sum_partials, tensor_reason,
+)  # fmt: skip
 
 MAX_HIDDEN = 65536
 # Rows up to this many elements are held in registers whole (one read of x); longer rows
@@ -273,11 +275,8 @@ def layer_norm_forward(
 def layer_norm_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise_if_unsupported(supports_layer_norm(x, weight, None), "triton_layer_norm_backward")
-    if grad_out.shape != x.shape:
-        raise ValueError(
-            f"triton_layer_norm_backward: grad_out must have x's shape {tuple(x.shape)}, got {tuple(grad_out.shape)}"
-        )
+    reason = supports_layer_norm(x, weight, None) or grad_out_reason(grad_out, x)
+    raise_if_unsupported(reason, "triton_layer_norm_backward")
     x2d, grad_out2d = rows_of(x), rows_of(grad_out)  # (rows, N) each
     num_rows, num_cols = x2d.shape
     for name, stat in (("mean", mean), ("rstd", rstd)):

@@ -98,7 +98,8 @@ def prepare_data(
     if not any(text.strip() for text in texts):
         raise ValueError(f"the corpus is empty: {len(paths)} file(s) with no text ({paths[0]} ...)")
     eot = tokenizer.eot_token
-    docs = [tokenizer.encode_ordinary(text) + [eot] for text in texts]  # one list of ids per document
+    # One list of ids per document; the batch call encodes the documents on several threads.
+    docs = [ids + [eot] for ids in tokenizer.encode_ordinary_batch(texts)]
     val_ids = split_documents(len(docs), val_fraction)
     train = [tok for i, doc in enumerate(docs) if i not in val_ids for tok in doc]
     val = [tok for i in val_ids for tok in docs[i]]

@@ -13,23 +13,23 @@ import argparse
 
 from llm.train import TrainConfig, train
 
+# What fine-tuning changes in TrainConfig's defaults; the command line's defaults too.
+FINETUNE_DEFAULTS = dict(
+    out_dir="out-finetune",
+    context_length=256,
+    batch_size=8,
+    max_steps=200,
+    warmup_steps=10,
+    lr=1e-4,
+    min_lr=1e-5,
+    weight_decay=0.0,
+    eval_interval=50,
+    dropout=0.0,
+)
+
 
 def finetune_config(init_from: str, data: list[str], **overrides) -> TrainConfig:
-    defaults = dict(
-        init_from=init_from,
-        data=data,
-        out_dir="out-finetune",
-        context_length=256,
-        batch_size=8,
-        max_steps=200,
-        warmup_steps=10,
-        lr=1e-4,
-        min_lr=1e-5,
-        weight_decay=0.0,
-        eval_interval=50,
-        dropout=0.0,
-    )
-    return TrainConfig(**{**defaults, **overrides})
+    return TrainConfig(**{"init_from": init_from, "data": data, **FINETUNE_DEFAULTS, **overrides})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--gpt2-weights", help="a Hugging Face GPT-2 save_pretrained folder")
     source.add_argument("--checkpoint", help="a checkpoint written by llm.train")
     parser.add_argument("--data", nargs="+", required=True, help="text files, globs or folders")
-    parser.add_argument("--out-dir", default="out-finetune")
+    parser.add_argument("--out-dir", default=FINETUNE_DEFAULTS["out_dir"])
     parser.add_argument("--data-dir", default=TrainConfig.data_dir)
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--context-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-steps", type=int, default=FINETUNE_DEFAULTS["max_steps"])
+    parser.add_argument("--lr", type=float, default=FINETUNE_DEFAULTS["lr"])
+    parser.add_argument("--context-length", type=int, default=FINETUNE_DEFAULTS["context_length"])
+    parser.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"])
+    parser.add_argument("--device", default=TrainConfig.device)
     parser.add_argument("--use-fused", action="store_true")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args(argv)

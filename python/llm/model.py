@@ -54,7 +54,6 @@ class KVCache:
         shape = (batch_size, config.n_head, config.context_length, config.head_dim)  # (B, H, ctx, D)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.capacity = config.context_length
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,9 +252,3 @@ class GPT(nn.Module):
             )
         self.config.context_length = context_length
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:context_length].detach().clone())
-
-    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str):
-        """AdamW as the training loop builds it (see llm.train.build_optimizer)."""
-        from llm.train import build_optimizer
-
-        return build_optimizer(self, lr, weight_decay, betas, device_type)

@@ -35,14 +35,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer() -> tiktoken.Encoding:
     """GPT-2's tokenizer: "Hello, world" -> [15496, 11, 995], <|endoftext|> = 50256."""
-    ranks = tiktoken.load.load_tiktoken_bpe(str(ASSETS / "gpt2.tiktoken"))
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={END_OF_TEXT: 50256},
-        explicit_n_vocab=50257,
-    )
+    # 50,256 byte-level ranks, so <|endoftext|> lands on 50256 as in every learned BPE here.
+    return _encoding("gpt2", tiktoken.load.load_tiktoken_bpe(str(ASSETS / "gpt2.tiktoken")))
 
 
 def train_bpe(texts: list[str], vocab_size: int, name: str = "bpe") -> tiktoken.Encoding:
@@ -113,6 +107,7 @@ def train_bpe(texts: list[str], vocab_size: int, name: str = "bpe") -> tiktoken.
 
 
 def _encoding(name: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    """A byte-level BPE with GPT-2's pre-tokenizer and <|endoftext|> as the last id."""
     return tiktoken.Encoding(
         name=name,
         pat_str=GPT2_PATTERN,

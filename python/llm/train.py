@@ -155,6 +155,18 @@ def setup_distributed() -> Distributed:
     return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def main_process_first(ddp: Distributed, fn):
+    """fn() on rank 0, then on the other ranks: rank 0 fills the caches (the learned
+    tokenizer, the token files) and the others read them instead of redoing the work."""
+    if ddp.is_main:
+        result = fn()
+    if ddp.enabled:
+        dist.barrier()
+    if not ddp.is_main:
+        result = fn()
+    return result
+
+
 def load_or_learn_tokenizer(cfg: TrainConfig) -> tiktoken.Encoding:
     spec = cfg.tokenizer or PRESET_TOKENIZERS.get(cfg.preset, "gpt2")
     if spec.startswith("bpe:"):
@@ -202,17 +214,11 @@ def train(cfg: TrainConfig) -> dict:
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         resume_from = load_checkpoint(checkpoint_path)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model, tokenizer = build_model(cfg, resume_from)
+    model, tokenizer = main_process_first(ddp, lambda: build_model(cfg, resume_from))
     model.to(device)
     context = model.config.context_length
 
-    # Data: rank 0 tokenises into the cache, the other ranks then read it.
-    if ddp.is_main:
-        meta = prepare_data(cfg.data, tokenizer, cfg.data_dir, cfg.val_fraction)
-    if ddp.enabled:
-        dist.barrier()
-    if not ddp.is_main:
-        meta = prepare_data(cfg.data, tokenizer, cfg.data_dir, cfg.val_fraction)
+    meta = main_process_first(ddp, lambda: prepare_data(cfg.data, tokenizer, cfg.data_dir, cfg.val_fraction))
     stride = cfg.stride or context
     train_windows = TokenWindows(Path(meta["dir"]) / "train.bin", meta["dtype"], context, stride)
     val_windows = TokenWindows(Path(meta["dir"]) / "val.bin", meta["dtype"], context, context)
@@ -244,6 +250,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size * context
     peak = peak_flops(cfg, device)
+    flops_per_token = raw_model.flops_per_token()
     log(
         f"model: {raw_model.num_parameters():,} parameters, context {context}, "
         f"{tokens_per_step:,} tokens per step on {ddp.world_size} x {device}; MFU "
@@ -310,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
         history["train_loss"].append(step_loss.item())  # .item() waits for the GPU: honest timing
         elapsed = time.perf_counter() - started
         tokens_per_s = tokens_per_step / elapsed
-        mfu = f"{raw_model.flops_per_token() * tokens_per_s / peak:.1%}" if peak else "n/a"
+        mfu = f"{flops_per_token * tokens_per_s / peak:.1%}" if peak else "n/a"
         bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=mfu, lr=f"{lr:.1e}")
         bar.update(1)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
