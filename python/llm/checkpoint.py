@@ -10,6 +10,8 @@ tokenizer as its description), so loading it never runs pickled code:
   rng                  per-rank CPU (and CUDA) generator states
   data                 the BatchLoader position
   history              losses so far, for the loss curve
+  task                 optional: "lm" (absent = "lm"), "classify" or "instruct" -- what the
+                       model was fine-tuned for, so every command treats it accordingly
 """
 
 from __future__ import annotations

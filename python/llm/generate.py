@@ -13,6 +13,8 @@ fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Iterator
 
 import tiktoken
 import torch
@@ -20,8 +22,18 @@ import torch
 from llm.model import GPT
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the setting unless temperature >= 0, top_k >= 1, 0 < top_p <= 1."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
+
+
 @torch.no_grad()
-def generate(
+def stream_tokens(
     model: GPT,
     prompt: torch.Tensor,
     max_new_tokens: int,
@@ -31,15 +43,19 @@ def generate(
     eos_token: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """prompt (B, T) -> (B, T + n) with n <= max_new_tokens new tokens.
+) -> Iterator[torch.Tensor]:
+    """prompt (B, T) -> yields each step's new tokens (B, 1), at most max_new_tokens times.
 
-    temperature 0 means greedy. Stops early once every row has produced eos_token
-    (rows that finished earlier keep emitting eos_token). Sampling draws only from
-    `generator`, never from the global RNG. Without the cache, a sequence longer
-    than the context is cropped to its last context_length tokens; with the cache,
-    a full cache is refilled from the last half-context of tokens.
+    temperature 0 means greedy. Stops once every row has produced eos_token (rows that
+    finished earlier keep emitting eos_token). Sampling draws only from `generator`, never
+    from the global RNG. Without the cache, a sequence longer than the context is cropped
+    to its last context_length tokens; with the cache, a full cache is refilled from the
+    last half-context of tokens. Closing the generator early (a client that went away)
+    simply stops the loop.
     """
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     context = model.config.context_length
     B, T = prompt.shape
     if T == 0:
@@ -48,28 +64,37 @@ def generate(
         raise ValueError(f"prompt of {T} tokens is longer than the model's context_length {context}")
     was_training = model.training
     model.eval()
-    tokens = prompt
-    cache = model.new_kv_cache(B) if use_cache else None
-    next_input = tokens  # what the model has not seen yet
-    finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
-        if cache is None:
-            logits, _ = model(tokens[:, -context:])  # (B, T', V)
-        else:
-            if cache.length + next_input.shape[1] > context:  # full: restart from recent tokens
-                cache.reset()
-                next_input = tokens[:, -(context // 2) :]
-            logits, _ = model(next_input, kv_cache=cache)  # (B, T', V)
-        next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
-        if eos_token is not None:
-            next_token = torch.where(finished[:, None], eos_token, next_token)
-            finished |= next_token[:, 0] == eos_token
-        tokens = torch.cat([tokens, next_token], dim=1)  # (B, T) -> (B, T+1)
-        next_input = next_token
-        if finished.all():
-            break
-    model.train(was_training)
-    return tokens
+    try:
+        tokens = prompt
+        cache = model.new_kv_cache(B) if use_cache else None
+        next_input = tokens  # what the model has not seen yet
+        finished = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits, _ = model(tokens[:, -context:])  # (B, T', V)
+            else:
+                if cache.length + next_input.shape[1] > context:  # full: restart from recent tokens
+                    cache.reset()
+                    next_input = tokens[:, -(context // 2) :]
+                logits, _ = model(next_input, kv_cache=cache)  # (B, T', V)
+            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)  # (B, 1)
+            if eos_token is not None:
+                next_token = torch.where(finished[:, None], eos_token, next_token)
+                finished |= next_token[:, 0] == eos_token
+            tokens = torch.cat([tokens, next_token], dim=1)  # (B, T) -> (B, T+1)
+            next_input = next_token
+            yield next_token
+            if finished.all():
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """prompt (B, T) -> (B, T + n) with n <= max_new_tokens new tokens; `sampling` as for
+    stream_tokens (temperature, top_k, top_p, eos_token, use_cache, generator)."""
+    new_tokens = list(stream_tokens(model, prompt, max_new_tokens, **sampling))  # n x (B, 1)
+    return torch.cat([prompt, *new_tokens], dim=1)  # (B, T) -> (B, T + n)
 
 
 def sample_next_token(
@@ -124,7 +149,7 @@ def complete(
 def main(argv: list[str] | None = None) -> None:
     from llm.checkpoint import load_checkpoint, model_from_checkpoint
     from llm.tokenizer import gpt2_tokenizer
-    from llm.train import resolve_device
+    from llm.runtime import resolve_device
     from llm.weights import load_gpt2
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

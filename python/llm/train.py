@@ -31,6 +31,7 @@ from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokeniz
 from llm.files import atomic_output
 from llm.generate import complete
 from llm.model import GPT
+from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
 from llm.tokenizer import get_tokenizer, gpt2_tokenizer, tokenizer_to_dict
 
 # Tiny models spend most of their time in the (vocabulary x width) LM head, so the tiny
@@ -82,15 +83,6 @@ class TrainConfig:
     progress: bool = True  # tqdm bar and log lines
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 def build_optimizer(
     model: torch.nn.Module,
     lr: float,
@@ -130,43 +122,6 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Distributed:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def main_process_first(ddp: Distributed, fn):
-    """fn() on rank 0, then on the other ranks: rank 0 fills the caches (the learned
-    tokenizer, the token files) and the others read them instead of redoing the work."""
-    if ddp.is_main:
-        result = fn()
-    if ddp.enabled:
-        dist.barrier()
-    if not ddp.is_main:
-        result = fn()
-    return result
-
-
 def load_or_learn_tokenizer(cfg: TrainConfig) -> tiktoken.Encoding:
     spec = cfg.tokenizer or PRESET_TOKENIZERS.get(cfg.preset, "gpt2")
     if spec.startswith("bpe:"):
@@ -199,8 +154,8 @@ def build_model(cfg: TrainConfig, resume_from: dict | None):
 
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the history {"train_loss": [per step], "val_loss": [[step, loss], ...]}."""
-    ddp = setup_distributed()
     device = resolve_device(cfg.device)
+    ddp = setup_distributed(device)
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
@@ -245,9 +200,7 @@ def train(cfg: TrainConfig) -> dict:
         model = torch.compile(model)
     if ddp.enabled:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    autocast = autocast_for(device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * ddp.world_size * context
     peak = peak_flops(cfg, device)
     flops_per_token = raw_model.flops_per_token()
