@@ -11,11 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -31,6 +26,7 @@ from llm.model import GPT
 from llm.prompt_template import format_prompt
 from llm.serve import main as serve_main
 from llm.serving import create_app, load_served_model
+from llm.serving.launch import serve_in_subprocess
 from llm.serving.row_cache import RowKVCache
 from llm.serving.text import TextStream
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
@@ -397,27 +393,26 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
 
 
 def test_llm_serve_command_serves_and_stops(lm_ckpt):
-    with socket.socket() as probe:  # a free port for the subprocess
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([sys.executable, "-m", "llm.serve", "--ckpt", str(lm_ckpt), "--port", str(port),
-                                "--device", "cpu", "--log-level", "warning", "--model-name", "tiny"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                response = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                                      json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=10)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "llm-serve did not start listening"
-                time.sleep(0.2)
+    with serve_in_subprocess(["--ckpt", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+                              "--model-name", "tiny"], startup_timeout_s=60) as server:
+        response = httpx.post(f"{server.base_url}/v1/completions",
+                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200 and response.json()["model"] == "tiny"
-    finally:
-        process.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0 and "Traceback" not in output, output
-    assert "serving 'tiny' (lm" in output
+    # stopped with Ctrl-C: uvicorn shuts down gracefully
+    assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
+    assert "serving 'tiny' (lm" in server.output
+
+
+def test_load_benchmark_writes_its_figures(tmp_path):
+    from benchmarks.serve import main as benchmark_main
+
+    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--prompt-tokens", "8", "--max-tokens", "4",
+            "--out", str(tmp_path)]
+    assert benchmark_main(argv) == 0
+    run = json.loads((tmp_path / "results.json").read_text())
+    assert [r["max_concurrency"] for r in run["results"]] == [1, 2]
+    for result in run["results"]:
+        assert result["ok"] == 4 and result["completion_tokens"] > 0
+        assert result["requests_per_s"] > 0 and 0 < result["latency_p50_s"] <= result["latency_p99_s"]
+    assert "| 2 | 4 / 4 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
