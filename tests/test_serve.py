@@ -30,6 +30,7 @@ from llm.serving.launch import serve_in_subprocess
 from llm.serving.row_cache import RowKVCache
 from llm.serving.text import TextStream
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
+from llm.weights import save_hf
 
 CONTEXT = 200  # the Alpaca template alone is ~100 tokens with this small BPE
 HTTP_TIMEOUT = httpx.Timeout(60.0)
@@ -262,6 +263,20 @@ def test_chat_uses_the_instruction_template(instruct_server):
     assert streamed == body["choices"][0]["message"]["content"]
 
 
+def test_serves_a_hugging_face_gpt2_folder_with_the_fused_ops(tmp_path):
+    torch.manual_seed(0)
+    save_hf(GPT(GPTConfig(n_embd=32, n_layer=2, n_head=2, context_length=64)), tmp_path / "gpt2-small-random")
+    served = load_served_model(tmp_path / "gpt2-small-random", device="cpu", use_fused=True)
+    assert served.task == "lm" and served.model.config.use_fused
+    request = {"prompt": "Hello, world", "max_tokens": 6, "temperature": 0}
+    with running(served) as client:
+        text = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+        info = health(client)
+    assert text == complete(served.model, gpt2_tokenizer(), "Hello, world", 6, temperature=0)[len("Hello, world"):]
+    assert info["model"] == "gpt2-small-random" and info["use_fused"]
+    assert info["kernel_backends"]["reference"]["usable"]  # what llmkernels can run here
+
+
 def test_chat_is_refused_for_a_model_that_is_not_instruction_tuned(lm_ckpt):
     with running(load_served_model(lm_ckpt, device="cpu")) as client:
         response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
@@ -406,11 +421,11 @@ def test_llm_serve_command_serves_and_stops(lm_ckpt):
 def test_load_benchmark_writes_its_figures(tmp_path):
     from benchmarks.serve import main as benchmark_main
 
-    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--prompt-tokens", "8", "--max-tokens", "4",
+    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--batch", "2", "--prompt-tokens", "8", "--max-tokens", "4",
             "--out", str(tmp_path)]
     assert benchmark_main(argv) == 0
     run = json.loads((tmp_path / "results.json").read_text())
-    assert [r["max_concurrency"] for r in run["results"]] == [1, 2]
+    assert [r["max_concurrency"] for r in run["results"]] == [2]
     for result in run["results"]:
         assert result["ok"] == 4 and result["completion_tokens"] > 0
         assert result["requests_per_s"] > 0 and 0 < result["latency_p50_s"] <= result["latency_p99_s"]

@@ -39,9 +39,12 @@ def build_parser():
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    import uvicorn  # after parsing, so --help and bad options answer at once
+    try:  # after parsing, so --help and bad options answer at once
+        import uvicorn
 
-    from llm.serving import create_app, load_served_model
+        from llm.serving import create_app, load_served_model
+    except ImportError as error:
+        raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
     served = load_served_model(args.ckpt, device=args.device, use_fused=args.use_fused, name=args.model_name)
     app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout)
