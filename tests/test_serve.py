@@ -303,6 +303,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "not served"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed", "greater than or equal to 0"),
     ("/v1/completions", b'{"prompt": "x",', 400, None, "malformed JSON"),
     ("/v1/completions", b"[1, 2]", 400, None, "JSON object"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
@@ -332,6 +333,27 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_carries_on(instruct
     assert instruct_server.get("/v1/completions").status_code == 405
     assert health(instruct_server)["requests"]["completed"] == 0  # none of them generated anything
     assert instruct_server.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_failing_generation_is_a_500_and_the_server_carries_on(instruct_ckpt):
+    served = load_served_model(instruct_ckpt, device="cpu")
+    forward, failures = served.model.forward, [RuntimeError("boom in prefill"), RuntimeError("boom in decode")]
+
+    def forward_that_fails_twice(idx, *args, **kwargs):
+        if failures and (idx.shape[1] > 1) == (len(failures) == 2):  # first a prefill, then a decode step
+            raise failures.pop(0)
+        return forward(idx, *args, **kwargs)
+
+    served.model.forward = forward_that_fails_twice
+    with running(served) as client:
+        response = client.post("/v1/completions", json={"prompt": "the quick brown fox", "max_tokens": 4})
+        assert response.status_code == 500 and "boom in prefill" in response.json()["error"]["message"]
+        with client.stream("POST", "/v1/completions", json={"prompt": "the quick brown fox", "max_tokens": 4, "stream": True}) as stream:
+            events = list(sse_events(stream))
+        assert "boom in decode" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        assert client.post("/v1/completions", json={"prompt": "the quick brown fox", "max_tokens": 4}).status_code == 200
+        info = health(client)
+    assert info["status"] == "ok" and info["requests"]["failed"] == 2 and info["requests"]["completed"] == 1
 
 
 # --------------------------------------------------------------------------- load

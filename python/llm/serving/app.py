@@ -98,7 +98,7 @@ def create_app(served: ServedModel, max_concurrency: int = 4, queue_size: int = 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompt_ids = served.tokenizer.encode(body.prompt, allowed_special="all") or [served.tokenizer.eot_token]
+        prompt_ids = await encode(body.prompt) or [served.tokenizer.eot_token]  # "": start from <|endoftext|>
         return await respond(body, prompt_ids, "prompt", request, _Reply("text_completion", served.name))
 
     @app.post("/v1/chat/completions")
@@ -109,10 +109,14 @@ def create_app(served: ServedModel, max_concurrency: int = 4, queue_size: int = 
         if body.messages[-1].role != "user":
             raise ApiError(400, f"the last message must be the user's, got role {body.messages[-1].role!r}",
                            param="messages")
-        prompt_ids = served.tokenizer.encode(format_prompt(body.messages[-1].content), allowed_special="all")
+        prompt_ids = await encode(format_prompt(body.messages[-1].content))
         return await respond(body, prompt_ids, "messages", request, _Reply("chat.completion", served.name))
 
     # ------------------------------------------------------------------ shared
+    async def encode(text: str) -> list[int]:
+        # Off the event loop: a long prompt must not hold up the other requests.
+        return await asyncio.to_thread(served.tokenizer.encode, text, allowed_special="all")
+
     async def respond(body: SamplingFields, prompt_ids: list[int], prompt_field: str, request: Request, reply: "_Reply"):
         if body.model is not None and body.model != served.name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {served.name!r}",

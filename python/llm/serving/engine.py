@@ -134,14 +134,17 @@ class BatchingEngine:
                     while self._pending and len(self._slots) + len(arrivals) < self.max_batch:
                         arrivals.append(self._pending.popleft())
                     waiting = list(self._pending)
-                for request in waiting:  # ends queued requests that timed out or were cancelled
-                    self._check_queued(request)
-                for request in arrivals:
-                    self._admit(request)
-                if self._slots:
-                    self._step()
-        for slot in self._slots:
-            self._fail(slot.request, "the server is shutting down")
+                try:
+                    for request in waiting:  # ends queued requests that timed out or were cancelled
+                        self._check_queued(request)
+                    for request in arrivals:
+                        self._admit(request)
+                    if self._slots:
+                        self._step()
+                except Exception as error:  # a bug here fails the requests in flight, never the engine
+                    log.exception("generation failed")
+                    self._fail_all(f"generation failed: {type(error).__name__}: {error}")
+        self._fail_all("the server is shutting down")
         for request in self._pending:
             self._fail(request, "the server is shutting down")
 
@@ -207,10 +210,7 @@ class BatchingEngine:
             sampled = torch.cat([self._sample(slot, logits[i : i + 1]) for i, slot in enumerate(self._slots)])  # (n, 1)
         except Exception as error:  # a failed step fails the rows in it, never the server
             log.exception("decode step failed")
-            for slot in self._slots:
-                self._fail(slot.request, f"generation failed: {type(error).__name__}: {error}")
-                slot.finished = True
-            self._slots.clear()
+            self._fail_all(f"generation failed: {type(error).__name__}: {error}")
             return
         self.stats["decode_steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
@@ -262,6 +262,15 @@ class BatchingEngine:
         self.stats["failed"] += 1
         self._send(request, {"type": "error", "message": message})
         self._release()
+
+    def _fail_all(self, message: str) -> None:
+        """Fail every active request (e.g. a decode step raised) and free their rows."""
+        for slot in self._slots:
+            if not slot.finished:
+                self._fail(slot.request, message)
+            else:
+                self._release()
+        self._slots.clear()
 
     def _release(self) -> None:
         with self._wake:

@@ -23,7 +23,7 @@ class SamplingFields(BaseModel):
     top_p: float = 1.0
     top_k: int | None = None  # not in OpenAI's API; None = no limit
     stop: str | list[str] | None = None
-    seed: int | None = None  # None: a fresh random seed
+    seed: int | None = Field(None, ge=0, lt=2**63)  # None: a fresh random seed
     stream: bool = False
 
 
