@@ -119,7 +119,9 @@ class BatchingEngine:
         return True
 
     def load(self) -> dict:
-        return {"active": len(self._slots), "queued": len(self._pending)}
+        """Requests generating and waiting now (read from another thread: a snapshot)."""
+        active = sum(not slot.finished for slot in list(self._slots))  # finished ones leave after the step
+        return {"active": active, "queued": len(self._pending)}
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
