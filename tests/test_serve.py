@@ -25,7 +25,8 @@ from llm.generate import complete
 from llm.model import GPT
 from llm.prompt_template import format_prompt
 from llm.serve import main as serve_main
-from llm.serving import create_app, load_served_model
+from llm.serving.app import create_app
+from llm.serving.loading import load_served_model
 from llm.serving.launch import serve_in_subprocess
 from llm.serving.row_cache import RowKVCache
 from llm.serving.text import TextStream

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from llm.cli import command, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
+from llm.serving.engine import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
 PROG = "llm-serve"
 
@@ -25,12 +26,13 @@ def build_parser():
     parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port")
     parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
-    parser.add_argument("--max-concurrency", type=int_in(1, 1024), default=8,
-                        help="requests decoded at once, batched into one forward per step (default 8)")
-    parser.add_argument("--queue", type=int_in(0, 100_000), default=32,
-                        help="requests waiting beyond --max-concurrency before 429 (default 32)")
-    parser.add_argument("--timeout", type=float_in(0, min_open=True), default=120.0,
-                        help="seconds a request may take, queueing included (default 120)")
+    parser.add_argument("--max-concurrency", type=int_in(1, 1024), default=DEFAULT_MAX_CONCURRENCY,
+                        help="requests decoded at once, batched into one forward per step; each holds a "
+                             "full-context KV cache row (gpt2, fp32: 75 MB) (default %(default)s)")
+    parser.add_argument("--queue", type=int_in(0, 100_000), default=DEFAULT_QUEUE,
+                        help="requests waiting beyond --max-concurrency before 429 (default %(default)s)")
+    parser.add_argument("--timeout", type=float_in(0, min_open=True), default=DEFAULT_TIMEOUT_S,
+                        help="seconds a request may take, queueing included (default %(default)s)")
     parser.add_argument("--model-name", help="the model id clients pass (default: the --ckpt file or folder name)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     return parser
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     try:  # after parsing, so --help and bad options answer at once
         import uvicorn
 
-        from llm.serving import create_app, load_served_model
+        from llm.serving.app import create_app
+        from llm.serving.loading import load_served_model
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 

@@ -1,8 +1,5 @@
-"""llm-serve's parts: the served model (loading), the batching engine and its per-row KV
-cache, incremental text with stop sequences, the request schemas and the FastAPI app.
-The command line is llm.serve."""
-
-from llm.serving.app import create_app
-from llm.serving.loading import ServedModel, load_served_model
-
-__all__ = ["ServedModel", "create_app", "load_served_model"]
+"""llm-serve's parts: the served model (loading), the batching engine (engine) and its
+per-row KV cache (row_cache), incremental text with stop sequences (text), the request
+schemas (schemas), the FastAPI app (app) and a child-process launcher (launch). The
+command line is llm.serve. Nothing is imported here, so the command's --help and option
+errors answer without FastAPI installed."""

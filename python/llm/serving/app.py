@@ -34,7 +34,8 @@ from starlette.exceptions import HTTPException
 
 from llm.generate import check_sampling
 from llm.prompt_template import format_prompt
-from llm.serving.engine import BatchingEngine, GenerationRequest
+from llm.serving.engine import (DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, BatchingEngine,
+                                GenerationRequest)
 from llm.serving.loading import ServedModel
 from llm.serving.schemas import (MAX_STOP_SEQUENCES, ApiError, ChatCompletionRequest, CompletionRequest,
                                  SamplingFields, validation_error)
@@ -43,7 +44,8 @@ RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
 
-def create_app(served: ServedModel, max_concurrency: int = 4, queue_size: int = 16, timeout_s: float = 60.0) -> FastAPI:
+def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, queue_size: int = DEFAULT_QUEUE,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> FastAPI:
     """The app serving `served`; its engine thread starts and stops with the app's lifespan."""
     engine = BatchingEngine(served.model, served.tokenizer, max_batch=max_concurrency, max_queue=queue_size)
     context = served.model.config.context_length

@@ -11,6 +11,10 @@ torch.Generator, so batching never mixes sampling settings. The model runs only 
 thread, never on the server's event loop; results go back through each request's
 `deliver` callback (called on this thread).
 
+With use_fused, a prefill (one row) runs the model's fused attention; a decode step whose
+rows differ in length uses PyTorch's SDPA with a per-row mask, since the fused kernels take
+no mask (a one-token decode step went to llmkernels' reference path anyway).
+
 A seed makes a request reproducible when it runs with the same batch companions (e.g.
 alone); in a different batch the logits can differ in the last bits of rounding, which
 can rarely flip a sampled token.
@@ -34,6 +38,7 @@ from llm.serving.row_cache import RowKVCache
 from llm.serving.text import TextStream
 
 log = logging.getLogger("llm.serve")
+DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S = 8, 32, 120.0  # rows, waiting requests, seconds
 
 
 @dataclass
