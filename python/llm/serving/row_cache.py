@@ -27,7 +27,7 @@ class RowKVCache:
         self.capacity = capacity
         self.lengths = [0] * capacity  # cached positions per row (Python ints: no device syncs)
         self.rows = slice(0, 0)  # the rows the next forward call reads and writes
-        self._mask_key, self._mask = None, None
+        self._state_key, self._state = None, None
 
     def select(self, start: int, stop: int) -> None:
         """The next forward call runs on rows [start, stop)."""
@@ -51,19 +51,31 @@ class RowKVCache:
         """The longest row of the window: GPT.forward checks it against the context."""
         return max(self.lengths[self.rows])
 
-    def _window_lengths(self, device) -> torch.Tensor:
-        return torch.tensor(self.lengths[self.rows], device=device)  # (B,)
+    def _forward_state(self, num_tokens: int):
+        """(row indices (B, 1), positions (B, T), mask (B, 1, T, S) or None) of this forward
+        call: built once per call (the key changes only when advance() runs), shared by
+        every layer."""
+        lengths = self.lengths[self.rows]
+        key = (self.rows.start, tuple(lengths), num_tokens)
+        if key != self._state_key:
+            device = self.keys[0].device
+            rows = torch.arange(self.rows.start, self.rows.stop, device=device)[:, None]  # (B, 1)
+            positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(num_tokens, device=device)  # (B, T)
+            mask = None
+            if len(set(lengths)) > 1:  # query i of row b sees keys j <= len_b + i
+                keys_seen = torch.arange(max(lengths) + num_tokens, device=device)  # (S,)
+                mask = (keys_seen <= positions[:, :, None])[:, None]  # (S,) vs (B, T, 1) -> (B, 1, T, S)
+            self._state_key, self._state = key, (rows, positions, mask)
+        return self._state
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         """(B, T): row b's new tokens sit at len_b, len_b + 1, ..."""
-        device = self.keys[0].device
-        return self._window_lengths(device)[:, None] + torch.arange(num_tokens, device=device)  # (B, 1) + (T,) -> (B, T)
+        return self._forward_state(num_tokens)[1]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) at each row's own positions; return the window's keys and
         values (B, H, S, D), S = the longest row + T (shorter rows are masked past their end)."""
-        rows = torch.arange(self.rows.start, self.rows.stop, device=k.device)[:, None]  # (B, 1)
-        positions = self.positions(k.shape[2])  # (B, T)
+        rows, positions, _ = self._forward_state(k.shape[2])
         # Advanced indices (B, 1) and (B, T) around a slice: the indexed view is (B, T, H, D).
         self.keys[layer][rows, :, positions] = k.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
         self.values[layer][rows, :, positions] = v.transpose(1, 2)
@@ -71,19 +83,9 @@ class RowKVCache:
         return self.keys[layer][self.rows, :, :end], self.values[layer][self.rows, :, :end]
 
     def attention_mask(self, num_tokens: int) -> torch.Tensor | None:
-        """(B, 1, T, S): query i of row b sees keys j <= len_b + i; None when all rows of the
-        window have the same length (the model's own causal mask is then the same thing)."""
-        lengths = self.lengths[self.rows]
-        if len(set(lengths)) == 1:
-            return None
-        key = (tuple(lengths), num_tokens)
-        if key != self._mask_key:  # built once per forward call, shared by every layer
-            device = self.keys[0].device
-            end = max(lengths) + num_tokens  # S
-            last_visible = self.positions(num_tokens)  # (B, T)
-            mask = torch.arange(end, device=device) <= last_visible[:, :, None]  # (S,) vs (B, T, 1) -> (B, T, S)
-            self._mask_key, self._mask = key, mask[:, None]  # (B, 1, T, S)
-        return self._mask
+        """(B, 1, T, S), or None when all rows of the window have the same length (the
+        model's own causal mask is then the same thing, and the fused kernels can run)."""
+        return self._forward_state(num_tokens)[2]
 
     def advance(self, num_tokens: int) -> None:
         for row in range(self.rows.start, self.rows.stop):
