@@ -145,13 +145,14 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed() -> Distributed:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
+def setup_distributed(device_type: str) -> Distributed:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL for a CUDA job, gloo for a CPU job
+    (also on a machine with GPUs: NCCL cannot reduce CPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -199,8 +200,8 @@ def build_model(cfg: TrainConfig, resume_from: dict | None):
 
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the history {"train_loss": [per step], "val_loss": [[step, loss], ...]}."""
-    ddp = setup_distributed()
     device = resolve_device(cfg.device)
+    ddp = setup_distributed(device.type)
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)

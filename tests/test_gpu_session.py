@@ -1,0 +1,93 @@
+"""scripts/gpu_session.py, the one-command GPU session: its CPU rehearsal runs every stage
+end to end at tiny sizes (so only the GPU itself can fail on the device), a stage that
+reaches its cap is recorded and the later stages still run; its parsers and options."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import gpu_session  # noqa: E402
+
+
+def test_cpu_rehearsal_runs_every_stage_and_survives_a_capped_stage(tmp_path):
+    out = tmp_path / "session"
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_session.py", "--device", "cpu", "--out", str(out), "--cap", "tests-rest=2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    state = json.loads((out / "session.json").read_text())
+    stages = {r["stage"]: r for r in state["stages"]}
+    assert list(stages) == gpu_session.STAGE_NAMES  # every stage has a record, in priority order
+    expected = dict.fromkeys(gpu_session.STAGE_NAMES, "ok") | {"tests-rest": "timeout"}
+    assert {name: r["status"] for name, r in stages.items()} == expected, state["stages"]
+    assert stages["tests-rest"]["cap_s"] == 2 and stages["tests-rest"]["seconds"] < 30
+    assert stages["tests"]["data"]["counts"]["skipped"] > 100  # the GPU lane was selected (and skips on CPU)
+    assert stages["build"]["data"]["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+
+    # The summary table comes last on stdout and in summary.txt: one line per stage.
+    summary = (out / "summary.txt").read_text()
+    assert result.stdout.rstrip().endswith(summary.rstrip())
+    lines = summary.splitlines()
+    for name, status in expected.items():
+        assert any(line.split()[:2] == [name, status] for line in lines), (name, summary)
+    assert "Headline (bench/results.md)" in summary and "| attention |" in summary
+
+    sanitizers = (out / "sanitizers.txt").read_text().splitlines()
+    assert sanitizers[0].startswith("rehearsal") and any(line.startswith("memcheck") for line in sanitizers)
+
+    # The headline run, then the full run added to it (--extend): one results set.
+    bench = out / "bench"
+    run = json.loads((bench / "results.json").read_text())
+    assert "--headline" in run["extends"]["command"] and "--extend" in run["command"]
+    assert {r["op"] for r in run["records"]} == {"attention", "layer_norm", "gelu", "bias_gelu"}
+    assert {r["pass"] for r in run["records"] if r["ms"]} == {"fwd", "bwd", "fwd+bwd"}  # bwd only from the full run
+    assert any(e.get("tokens_per_s") for e in run["e2e"])
+    assert "## Headline" in (bench / "results.md").read_text()
+    assert (bench / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # what the device sends back
+    assert "$ " in (out / "session.log").read_text()
+
+
+def test_parsers_read_pytest_and_sanitizer_summaries():
+    output = "....\nFAILED tests/x.py::test_a - assert 1\n2 failed, 40 passed, 3 skipped, 9 deselected in 12.0s\n"
+    assert gpu_session._pytest_counts(output) == {"failed": 2, "passed": 40, "skipped": 3, "deselected": 9}
+    assert gpu_session._pytest_counts("killed\n") == {}
+    assert gpu_session._sanitizer_errors("========= ERROR SUMMARY: 0 errors\n") == 0
+    racecheck = "========= RACECHECK SUMMARY: 3 hazards displayed (2 errors, 1 warnings)\n"
+    assert gpu_session._sanitizer_errors(racecheck + "========= ERROR SUMMARY: 1 error\n") == 3
+    assert gpu_session._sanitizer_errors("no sanitizer here") is None
+
+
+def test_every_kernel_file_with_a_sanitizer_subset_is_sanitized():
+    runs = gpu_session.sanitizer_runs()
+    covered = {file for run in runs for file in run["files"]}
+    with_subsets = {f"tests/{p.name}" for p in (REPO_ROOT / "tests").glob("test_*.py")
+                    if gpu_session.has_sanitizer_subset(p) or p.name == "test_cuda_attention.py"}
+    assert with_subsets <= covered
+    assert {run["tool"] for run in runs} == {"memcheck", "racecheck"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cap", "bench=-1"], "SECONDS must be positive"),
+    (["--cap", "benchmarks=10"], "stage must be one of"),
+    (["--cap", "bench=soon"], "SECONDS must be a number"),
+    (["--budget", "0"], "--budget must be a positive"),
+    (["--stages", "tests,lint"], "--stages: lint"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_session.parse_args(["--device", "cpu", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_earlier_sessions_folder_is_not_reused(tmp_path, capsys):
+    (tmp_path / "session.log").write_text("earlier")
+    with pytest.raises(SystemExit):
+        gpu_session.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    assert "not an empty folder" in capsys.readouterr().err
