@@ -271,7 +271,7 @@ def _pytest_options(timeout_s: int) -> list[str]:
     """Quiet, no cache files, failures listed; parallel and per-test timeouts when the
     plugins are installed (they are on the GPU machine)."""
     options = ["-q", "-p", "no:cacheprovider", "-rfE"]
-    workers = min(8, (os.cpu_count() or 1) // 2)  # 8 on the GPU machine's 16 cores
+    workers = min(8, (os.cpu_count() or 1) // 2)  # 8 on the GPU machine's 16 cores; none on CI's 2
     if importlib.util.find_spec("xdist") and workers > 1:
         options += ["-n", str(workers)]
     if importlib.util.find_spec("pytest_timeout"):

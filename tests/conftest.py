@@ -69,13 +69,19 @@ def pytest_configure(config):
     if config.getoption("--triton-first-config") and backends.TRITON_IMPORTABLE:
         from triton.runtime.autotuner import Autotuner
 
-        tune = Autotuner.run
+        first_config_only(Autotuner)
 
-        def run_first_config(self, *args, **kwargs):
-            self.configs = self.configs[:1]  # one config: Triton runs it without benchmarking
-            return tune(self, *args, **kwargs)
 
-        Autotuner.run = run_first_config
+def first_config_only(autotuner_class) -> None:
+    """Every autotuner of this class keeps only its first config when it first runs; with
+    one config Triton runs it without benchmarking."""
+    tune = autotuner_class.run
+
+    def run_first_config(self, *args, **kwargs):
+        self.configs = self.configs[:1]
+        return tune(self, *args, **kwargs)
+
+    autotuner_class.run = run_first_config
 
 
 def pytest_collection_modifyitems(config, items):

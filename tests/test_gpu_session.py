@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import first_config_only
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -91,3 +92,25 @@ def test_an_earlier_sessions_folder_is_not_reused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_session.parse_args(["--device", "cpu", "--out", str(tmp_path)])
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_triton_first_config_option_trims_each_autotuner_to_its_first_config():
+    """The GPU subset's --triton-first-config, on a stand-in class and on Triton's own
+    Autotuner objects (built here without a GPU; nothing is launched)."""
+    class Tuner:
+        def __init__(self):
+            self.configs = ["big", "medium", "small"]
+
+        def run(self, *args, **kwargs):
+            return list(self.configs), args, kwargs
+
+    first_config_only(Tuner)
+    assert Tuner().run(1, grid=2) == (["big"], (1,), {"grid": 2})
+
+    pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    from llmkernels.triton import attention
+
+    tuners = [k for k in vars(attention).values() if isinstance(k, Autotuner)]
+    assert tuners and all(callable(Autotuner.run) and len(t.configs) >= 1 for t in tuners)
