@@ -359,7 +359,8 @@ def compare_with_anchors(run: dict, paths: list[Path]) -> dict:
 # ----------------------------------------------------------------------------- plots
 def plot(run: dict, path: Path) -> None:
     """One PNG: per op, % of the measured ceiling of each provider on each (shape, pass) in
-    the primary dtype; then end-to-end tokens/s."""
+    the primary dtype, our best kernel's speedup over the best baseline above its bar and
+    the untimed providers marked; then end-to-end tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,13 +383,27 @@ def plot(run: dict, path: Path) -> None:
         dtype = _primary_dtype(records, op)
         mine = _ordered([r for r in records if r["op"] == op and r["dtype"] == dtype])
         groups = list(dict.fromkeys((r["shape_label"], r["pass"]) for r in mine))
-        providers = sorted({r["provider"] for r in mine if r["ms"]}, key=_provider_rank)
+        providers = sorted({r["provider"] for r in mine}, key=_provider_rank)
         width = 0.8 / max(1, len(providers))
-        for i, provider in enumerate(providers):
-            values = {(r["shape_label"], r["pass"]): r["pct_of_ceiling"] for r in mine if r["provider"] == provider and r["ms"]}
-            xs = [g for g, key in enumerate(groups) if key in values]
-            ax.bar([x + (i - (len(providers) - 1) / 2) * width for x in xs],
-                   [values[groups[x]] for x in xs], width, label=provider, color=PROVIDER_COLOURS.get(provider))
+        slot = {p: (i - (len(providers) - 1) / 2) * width for i, p in enumerate(providers)}
+        by_key = {(r["shape_label"], r["pass"], r["provider"]): r for r in mine}
+        for provider in providers:
+            timed = [(g, by_key[key + (provider,)]) for g, key in enumerate(groups)
+                     if key + (provider,) in by_key and by_key[key + (provider,)]["ms"]]
+            if timed:
+                ax.bar([g + slot[provider] for g, _ in timed], [r["pct_of_ceiling"] for _, r in timed], width,
+                       label=provider, color=PROVIDER_COLOURS.get(provider))
+        for g, key in enumerate(groups):
+            group = [by_key[key + (p,)] for p in providers if key + (p,) in by_key]
+            for r in group:  # what was not timed says so where its bar would be
+                if not r["ms"]:
+                    ax.text(g + slot[r["provider"]], 0, _cell(r), rotation=90, fontsize=6, ha="center",
+                            va="bottom", color="gray")
+            ours, base = _best_ours(group), _best(group, ("baseline",))
+            ratio = _comparison(ours, base)
+            if ratio.endswith("x"):  # speed of our best kernel against the best baseline, over its bar
+                ax.annotate(ratio, (g + slot[ours["provider"]], ours["pct_of_ceiling"]), fontsize=7,
+                            ha="center", va="bottom")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], fontsize=7)
         unit = mine[0]["unit"] if mine else ""

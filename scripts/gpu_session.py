@@ -158,13 +158,16 @@ class Session:
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
 
-    def write_state(self) -> None:
+    def write_state(self) -> str:
+        """Rewrites session.json, sanitizers.txt and summary.txt; returns the summary."""
         state = {"device": self.device, "rehearsal": self.rehearsal, "started": self.started.isoformat(timespec="seconds"),
                  "budget_s": self.budget_s, "elapsed_s": round(self.elapsed_s(), 1), "stages": self.records}
         _write(self.out / "session.json", json.dumps(state, indent=1))
         _write(self.out / "sanitizers.txt", "\n".join(self.sanitizer_lines) + "\n" if self.sanitizer_lines else
                "(no sanitizer run yet)\n")
-        _write(self.out / "summary.txt", summary_text(self))
+        summary = summary_text(self)
+        _write(self.out / "summary.txt", summary)
+        return summary
 
 
 def _stop(process: subprocess.Popen, grace_s: float) -> None:
@@ -571,8 +574,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         session.say("session interrupted: writing the summary")
         status = 130
-    session.write_state()
-    print("\n" + summary_text(session), flush=True)
+    print("\n" + session.write_state(), flush=True)
     session.log.close()
     return status
 
