@@ -2,10 +2,15 @@
 """One GPU lease's work in one command of under 8 minutes: build, correctness, sanitizers,
 headline figures, then the rest while time is left.
 
-Next GPU session: one device call, before anything else,
-    run(command="bash scripts/gpu_session.sh", timeout_s=560)
-then give_back (or rerun at once what failed: `--stages tests,sanitizers`). The device
-tool sets $OUT; the script stops itself after 450 s and prints its summary table last.
+Next GPU session (15 minutes of device time in all, machine start included), first thing:
+  1. run(command="bash scripts/gpu_session.sh", timeout_s=540)
+     ~7.5 minutes: the script stops itself after 450 s; $OUT is set by the device tool.
+  2. If the machine is still warm and 4+ minutes are left, the stages it had no time for
+     (the build is then a no-op; the outputs go to that call's fresh $OUT), e.g.
+     run(command="bash scripts/gpu_session.sh --stages build,backends,tests-rest,bench-full --budget 200",
+         timeout_s=260)
+     or rerun what failed after a fix: --stages build,backends,tests (or sanitizers, bench).
+  3. give_back; then copy $OUT/bench/* and $OUT/sanitizers.txt to benchmarks/results/<date>-h200/.
 
 Stages, in priority order, each with its own time cap (seconds) inside the session budget:
   device      30  nvidia-smi; python, torch, triton, pytest plugin versions; nvcc, ninja, compute-sanitizer
@@ -451,10 +456,11 @@ def stage_bench(session: Session, cap_s: float) -> Outcome:
 
 
 def stage_bench_full(session: Session, cap_s: float) -> Outcome:
-    if not (session.out / "bench" / "results.json").is_file():
-        return Outcome("skipped", "no headline run to extend")
+    """Every suite: added to the headline run, or on its own when this session has none
+    (a second call that runs `--stages bench-full`)."""
     sizes = ["--quick"] if session.rehearsal else []
-    command = _bench_command(session, "all", *sizes, "--extend", "--out", str(session.out / "bench"),
+    extend = ["--extend"] if (session.out / "bench" / "results.json").is_file() else []
+    command = _bench_command(session, "all", *sizes, *extend, "--out", str(session.out / "bench"),
                              budget_s=cap_s - 25)
     return _bench_outcome(session, session.run(command, cap_s), cap_s)
 

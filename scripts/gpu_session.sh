@@ -5,4 +5,4 @@
 # Arguments pass through, e.g. --stages tests,sanitizers to rerun what failed.
 set -u
 cd "$(dirname "$0")/.."
-exec python3 scripts/gpu_session.py ${OUT:+--out "$OUT"} "$@"
+exec python3 scripts/gpu_session.py --device cuda ${OUT:+--out "$OUT"} "$@"
