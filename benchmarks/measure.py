@@ -91,7 +91,7 @@ class CudaTimer:
         torch.cuda.synchronize()
         flush_ms = self._timed_flush()
         estimate_ms = max(self._event_ms(fn), 1e-3)
-        for _ in range(max(1, int(self.warmup_ms / estimate_ms))):
+        for _ in range(max(1, min(self.max_samples, int(self.warmup_ms / estimate_ms)))):
             fn()
         count = max(self.min_samples, int(self.rep_ms / estimate_ms))
         count = max(1, min(count, self.max_samples, int(self.max_ms / estimate_ms)))

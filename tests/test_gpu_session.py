@@ -2,6 +2,7 @@
 end to end at tiny sizes (so only the GPU itself can fail on the device), a stage that
 reaches its cap is recorded and the later stages still run; its parsers and options."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,14 @@ def test_triton_first_config_option_trims_each_autotuner_to_its_first_config():
 
     tuners = [k for k in vars(attention).values() if isinstance(k, Autotuner)]
     assert tuners and all(callable(Autotuner.run) and len(t.configs) >= 1 for t in tuners)
+
+
+def test_the_device_command_reaches_the_driver_with_the_gpu_asked_for(tmp_path):
+    """`bash scripts/gpu_session.sh`, the one command given to the device, with $OUT."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "scripts/gpu_session.sh", "--stages", "nothing"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--stages: nothing" in result.stderr  # parsed by the driver: one line
+    help_text = subprocess.run(["bash", "scripts/gpu_session.sh", "--help"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "run(command=\"bash scripts/gpu_session.sh\"" in help_text
