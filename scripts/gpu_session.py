@@ -498,27 +498,32 @@ def summary_text(session: Session) -> str:
 
 
 def run_stages(session: Session, chosen: list[str]) -> None:
+    """Every stage in order, each ending with its record (a stage in progress shows as
+    "running", so a session killed mid-stage still says where it was)."""
     for stage in STAGES:
-        if stage.name not in chosen:
-            continue
         cap = min(session.caps.get(stage.name, stage.caps_s[session.device]),
                   session.left_s() - SUMMARY_RESERVE_S - INTERRUPT_GRACE_S)
+        record = {"stage": stage.name, "status": "running", "seconds": 0.0, "cap_s": round(max(cap, 0), 1),
+                  "detail": "", "data": {}}
+        session.records.append(record)
         started = time.monotonic()
-        session.say(f"=== {stage.name} (cap {max(cap, 0):.0f} s)")
-        if cap < min(stage.min_s, session.caps.get(stage.name, stage.min_s)):
+        if stage.name not in chosen:
+            outcome = Outcome("skipped", "not chosen (--stages)")
+        elif cap < min(stage.min_s, session.caps.get(stage.name, stage.min_s)):
             outcome = Outcome("skipped", f"no time left ({session.left_s():.0f} s of the budget)")
         else:
+            session.say(f"=== {stage.name} (cap {cap:.0f} s)")
+            session.write_state()
             try:
                 outcome = stage.run(session, cap)
             except KeyboardInterrupt:
-                session.records.append({"stage": stage.name, "status": "stopped", "seconds": time.monotonic() - started,
-                                        "cap_s": cap, "detail": "session interrupted", "data": {}})
+                record.update(status="stopped", seconds=round(time.monotonic() - started, 1),
+                              detail="session interrupted")
                 raise
             except Exception as error:  # a fault of this script: recorded, and the next stage runs
                 outcome = Outcome("error", f"{type(error).__name__}: {error}")
-        record = {"stage": stage.name, "status": outcome.status, "seconds": round(time.monotonic() - started, 1),
-                  "cap_s": round(max(cap, 0), 1), "detail": outcome.detail, "data": outcome.data}
-        session.records.append(record)
+        record.update(status=outcome.status, seconds=round(time.monotonic() - started, 1), detail=outcome.detail,
+                      data=outcome.data)
         session.say(f"--- {stage.name}: {outcome.status}: {outcome.detail}")
         session.write_state()
 
