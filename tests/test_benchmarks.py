@@ -122,3 +122,18 @@ def test_each_run_gets_its_own_folder_and_an_earlier_one_is_kept(tmp_path, monke
         with pytest.raises(SystemExit):
             cli.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_time_budget_estimates_learn_from_the_cases_already_timed():
+    estimator = cli.Estimator("cuda")
+    case = kernels.cases_for("layernorm", "cuda", quick=False, headline=True)[0]
+    providers = case.providers("cuda", use_compile=True)
+    assert [p.name for p in providers] == ["ours:cuda", "ours:triton", "torch:eager", "torch:compile"]
+    fresh = estimator.estimate_s("kernel", case, providers)
+    assert fresh >= 2 * cli.DEFAULT_COMPILE_S  # torch.compile for fwd and fwd+bwd, before any is seen
+    estimator.add("kernel", case, 55.0)
+    estimator.add("kernel", case, 65.0)
+    assert estimator.estimate_s("kernel", case, providers) == 60.0  # what this run's cases of the op took
+    step = {"mode": "compile", "estimate_s": 60}
+    estimator.add("e2e", step, 90.0)
+    assert estimator.estimate_s("e2e", step) == 90.0
