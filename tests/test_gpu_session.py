@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import conftest
 from conftest import first_config_only
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +127,40 @@ def test_the_device_command_reaches_the_driver_with_the_gpu_asked_for(tmp_path):
     help_text = subprocess.run(["bash", "scripts/gpu_session.sh", "--help"], cwd=REPO_ROOT, env=env,
                                capture_output=True, text=True, timeout=120).stdout
     assert "run(command=\"bash scripts/gpu_session.sh\"" in help_text
+
+
+class _Item:
+    """A collected test as the lane hook sees it: its marks, and the marks it is given."""
+
+    def __init__(self, *marks):
+        self.marks = {name: getattr(pytest.mark, name) for name in marks}
+
+    def get_closest_marker(self, name):
+        return self.marks.get(name)
+
+    def add_marker(self, mark):
+        self.marks.setdefault("skip", mark)
+
+    @property
+    def skip_reason(self):
+        return self.marks["skip"].kwargs["reason"] if "skip" in self.marks else None
+
+
+@pytest.mark.parametrize("cuda, interpreter, expected", [
+    # a GPU machine: Triton compiled, so its CPU lane (interpreted) is skipped, never fed CPU tensors
+    (True, False, {"triton gpu": None, "triton cpu": conftest.NEEDS_INTERPRETER, "interpreter": conftest.NEEDS_INTERPRETER,
+                   "gpu": None, "cpu": None}),
+    # the same machine with TRITON_INTERPRET=1: the CPU lane, not the Triton GPU lane
+    (True, True, {"triton gpu": conftest.NEEDS_COMPILED_TRITON, "triton cpu": None, "interpreter": None,
+                  "gpu": None, "cpu": None}),
+    # no GPU (CI): the interpreter is on and every gpu test skips
+    (False, True, {"triton gpu": conftest.NO_CUDA, "triton cpu": None, "interpreter": None,
+                   "gpu": conftest.NO_CUDA, "cpu": None}),
+])
+def test_lanes_give_triton_one_mode_per_process(cuda, interpreter, expected, monkeypatch):
+    monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(conftest.backends, "TRITON_INTERPRETER", interpreter)
+    items = {"triton gpu": _Item("triton", "gpu"), "triton cpu": _Item("triton"),
+             "interpreter": _Item("triton_interpreter"), "gpu": _Item("gpu"), "cpu": _Item()}
+    conftest.pytest_collection_modifyitems(None, list(items.values()))
+    assert {name: item.skip_reason for name, item in items.items()} == expected
