@@ -60,7 +60,7 @@ from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "python"))
-from llm.files import atomic_output  # noqa: E402  (the repository's llm package; imports no torch)
+from llm.files import atomic_output  # noqa: E402  (this checkout's llm package)
 
 BUDGET_S = {"cuda": 450.0, "cpu": 300.0}
 SUMMARY_RESERVE_S = 10.0  # kept back from the last stage for the summary
@@ -155,6 +155,8 @@ class Session:
         except KeyboardInterrupt:
             _stop(process, INTERRUPT_GRACE_S)
             raise
+        finally:
+            _kill_leftovers(process)
         reader.join(timeout=5)
         seconds = time.monotonic() - started
         self.say(f"exit {process.returncode} after {seconds:.1f} s")
@@ -187,6 +189,15 @@ def _stop(process: subprocess.Popen, grace_s: float) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _kill_leftovers(process: subprocess.Popen) -> None:
+    """Whatever the command left running in its process group (a compile worker, a test
+    worker) would hold GPU memory into the next stage."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _write(path: Path, text: str) -> None:
@@ -265,6 +276,8 @@ def stage_backends(session: Session, cap_s: float) -> Outcome:
             "'torch_cuda': torch.version.cuda, "
             "'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))")
     done, facts = _python_probe(session, code, cap_s)
+    if done.timed_out:
+        return Outcome("timeout", f"import llmkernels not done in {cap_s:.0f} s")
     if facts is None:
         return Outcome("failed", f"import llmkernels failed: {_tail(done.output)}")
     usable = [name for name, (ok, _) in facts["backends"].items() if ok]
