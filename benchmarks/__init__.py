@@ -1,6 +1,7 @@
 """Benchmarks of llmkernels against the PyTorch baselines, and GPT-2 training steps.
 
-    python -m benchmarks                      # every suite (GPU), results in benchmarks/results/
+    python -m benchmarks                      # every suite (GPU), results in a new benchmarks/results/<date>-<time>-<device>/
+    python -m benchmarks --headline           # the headline cases first measured by a GPU session
     python -m benchmarks attention --quick    # one suite, few shapes, few reps
     python -m benchmarks --device cpu --quick # the small CPU comparison (also what a machine without a GPU runs)
     pytest benchmarks/ --benchmark-only       # pytest-benchmark cases of the same ops

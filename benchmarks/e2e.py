@@ -2,25 +2,41 @@
 torch.compile (B16 x T1024, bf16 autocast, fused AdamW, random tokens).
 
 tokens/s = tokens per step / mean step time (as the anchors measure it); MFU counts the
-model's training FLOPs per token (llm.model.GPT.flops_per_token: 6N + 12*L*T*C) against
-a stated peak: 989 TFLOP/s, the H100 SXM dense bf16 figure the anchors use.
-On CPU a tiny model (preset "tiny" with a 512-token vocabulary, B2 x T64, fp32) shows
-the path works; no MFU there.
+model's training FLOPs per token (6N + 12*L*T*C, T the run's sequence length) against the
+stated dense bf16 peak of the H100/H200 SXM, 989 TFLOP/s (the anchors' figure), and
+against the bf16 matmul ceiling measured in the same run. Peak memory is counted from the
+first timed step (compilation and autotuning excluded). Each use_fused row names the
+llmkernels backend it ran (LLMKERNELS_BACKEND is set for the row: CUDA when built, else
+Triton). On CPU a tiny model (preset "tiny" with a 512-token vocabulary, B2 x T64, fp32)
+shows the path works; no MFU there.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
 
 from .kernels import error_text
 
-H100_PEAK_TFLOPS = 989.0
+SXM_PEAK_TFLOPS = 989.0  # H100 and H200 SXM, dense bf16
 CONFIGS = [("eager", False), ("eager", True), ("compile", False), ("compile", True)]
+
+
+def fused_backend() -> str | None:
+    """The llmkernels backend use_fused rows run: the first fused one usable here."""
+    try:
+        import llmkernels
+    except Exception:
+        return None
+    usable = [name for name, (ok, _) in llmkernels.available_backends().items() if ok and name != "reference"]
+    return usable[0] if usable else "reference"
 
 
 def plan(device: str, quick: bool, use_compile: bool) -> list[dict]:
     """The configurations to run, each with its settings and an estimate of its wall time."""
+    backend = fused_backend()
     if device == "cuda":
         batch, seq, preset, overrides = 16, 1024, "gpt2", {}
         warmup, steps = (3, 5) if quick else (5, 20)
@@ -29,8 +45,9 @@ def plan(device: str, quick: bool, use_compile: bool) -> list[dict]:
         warmup, steps = 1, 2
     items = []
     for mode, fused in CONFIGS:
-        item = {"mode": mode, "use_fused": fused, "preset": preset, "overrides": overrides, "batch": batch, "seq": seq,
-                "warmup_steps": warmup, "steps": steps, "estimate_s": 60 if mode == "compile" else 10}
+        item = {"mode": mode, "use_fused": fused, "backend": backend if fused else None, "preset": preset,
+                "overrides": overrides, "batch": batch, "seq": seq, "warmup_steps": warmup, "steps": steps,
+                "estimate_s": 60 if mode == "compile" else 10}
         if mode == "compile" and not use_compile:
             item["skipped"] = "torch.compile off for this run (--compile)"
         items.append(item)
@@ -38,17 +55,34 @@ def plan(device: str, quick: bool, use_compile: bool) -> list[dict]:
 
 
 def label(item: dict) -> str:
-    return f"{item['preset']} B{item['batch']}xT{item['seq']} {item['mode']} use_fused={item['use_fused']}"
+    fused = f"use_fused=True ({item['backend']})" if item["use_fused"] else "use_fused=False"
+    return f"{item['preset']} B{item['batch']}xT{item['seq']} {item['mode']} {fused}"
 
 
-def run(item: dict, device: str) -> dict:
+@contextlib.contextmanager
+def _backend_env(backend: str | None):
+    from llmkernels.backends import BACKEND_ENV_VAR
+
+    before = os.environ.get(BACKEND_ENV_VAR)
+    if backend:
+        os.environ[BACKEND_ENV_VAR] = backend
+    try:
+        yield
+    finally:
+        os.environ.pop(BACKEND_ENV_VAR, None)
+        if before is not None:
+            os.environ[BACKEND_ENV_VAR] = before
+
+
+def run(item: dict, device: str, matmul_ceiling_tflops: float | None = None) -> dict:
     """Trains `steps` steps after `warmup_steps` and returns the item with its figures
     (or with the error that stopped it)."""
     result = dict(item, label=label(item))
     if item.get("skipped"):
         return result
     try:
-        result.update(_train_steps(item, device))
+        with _backend_env(item["backend"]):
+            result.update(_train_steps(item, device, matmul_ceiling_tflops))
     except Exception as error:  # recorded, and the run goes on
         result["error"] = error_text(error)
     finally:
@@ -58,15 +92,12 @@ def run(item: dict, device: str) -> dict:
     return result
 
 
-def _train_steps(item: dict, device: str) -> dict:
+def _train_steps(item: dict, device: str, matmul_ceiling_tflops: float | None) -> dict:
     from llm.config import GPTConfig
     from llm.model import GPT
     from llm.train import build_optimizer
 
     torch.manual_seed(0)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     config = GPTConfig.from_preset(item["preset"], use_fused=item["use_fused"], **item["overrides"])
     model = GPT(config).to(device)
     # llm's own optimizer (fused AdamW on CUDA), with GPT-2's hyperparameters
@@ -89,6 +120,7 @@ def _train_steps(item: dict, device: str) -> dict:
         step()
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()  # from here: the training step's memory, not compilation's
     warmup_s = time.perf_counter() - start
 
     step_ms = []
@@ -107,7 +139,8 @@ def _train_steps(item: dict, device: str) -> dict:
             step_ms.append((time.perf_counter() - t0) * 1e3)
     mean_ms = sum(step_ms) / len(step_ms)
     tokens_per_s = batch * seq / (mean_ms / 1e3)
-    flops_per_token = model.flops_per_token()
+    # the model counts attention over its context length; this run attends over `seq`
+    flops_per_token = model.flops_per_token() + 12 * config.n_layer * (seq - config.context_length) * config.n_embd
     figures = {
         "ms_per_step": mean_ms,
         "samples_ms": [round(t, 4) for t in step_ms],
@@ -119,10 +152,14 @@ def _train_steps(item: dict, device: str) -> dict:
         "config": config.to_dict(),
         "mfu_peak_tflops": None,
         "mfu": None,
+        "mfu_of_matmul_ceiling": None,
         "peak_memory_gib": None,
     }
     if device == "cuda":
+        achieved_tflops = tokens_per_s * flops_per_token / 1e12
         figures["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        figures["mfu_peak_tflops"] = H100_PEAK_TFLOPS
-        figures["mfu"] = tokens_per_s * flops_per_token / (H100_PEAK_TFLOPS * 1e12)
+        figures["mfu_peak_tflops"] = SXM_PEAK_TFLOPS
+        figures["mfu"] = achieved_tflops / SXM_PEAK_TFLOPS
+        if matmul_ceiling_tflops:
+            figures["mfu_of_matmul_ceiling"] = achieved_tflops / matmul_ceiling_tflops
     return figures

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 PASSES = ("fwd", "bwd", "fwd+bwd")
 LN_EPS = 1e-5
 # Input sets are rotated until this many bytes are touched, so memory-bound ops are not
-# served from the 50 MB L2 (do_bench flushes it too); at most 8 sets, as the anchors do.
+# served from the L2 (60 MB on the H200; the timer flushes it too); at most 8 sets, as the
+# anchors do. fwd+bwd still re-reads x right after its forward: at shapes under the L2 size
+# (16384x768 bf16 is 25 MB) its % of the copy ceiling is optimistic; bwd alone is not.
 ROTATION_BYTES = 512 * 2**20
 MAX_INPUT_SETS = 8
 # The naive (score-materialising) attention providers are skipped beyond this many bytes
@@ -58,6 +60,17 @@ GPU_DTYPES = {
     "bias_gelu": (torch.bfloat16, torch.float16, torch.float32),
 }
 SUITE_OPS = {"attention": ("attention",), "layernorm": ("layer_norm",), "gelu": ("gelu", "bias_gelu")}
+# The headline (issue 10): what a short GPU session measures first, each against baselines
+# timed in the same run. On CPU (the rehearsal) the first CPU shape of each op stands in.
+MEMORY_HEADLINE = {"shapes": [(16384, 768), (8192, 4096)], "passes": ("fwd", "fwd+bwd"),
+                   "providers": ("ours:cuda", "ours:triton", "torch:eager", "torch:compile")}
+HEADLINE = {
+    "attention": {"shapes": [(16, 12, 1024, 64), (4, 16, 4096, 128)], "passes": ("fwd", "fwd+bwd"),
+                  "providers": ("ours:cuda", "ours:triton", "sdpa:flash", "sdpa:cudnn")},
+    "layer_norm": MEMORY_HEADLINE,
+    "gelu": MEMORY_HEADLINE,
+    "bias_gelu": MEMORY_HEADLINE,
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -252,6 +265,11 @@ def pass_function(fn: Callable, sets: list[InputSet], pass_: str) -> Callable[[]
     raise ValueError(f"unknown pass {pass_!r}")
 
 
+def record_key(record: dict) -> tuple:
+    """(op, shape label, dtype, pass, provider): one measurement's identity."""
+    return record["op"], record["shape_label"], record["dtype"], record["pass"], record["provider"]
+
+
 @dataclass
 class Case:
     """One op on one shape and dtype: every provider, every pass."""
@@ -261,7 +279,16 @@ class Case:
     shape: tuple
     dtype: torch.dtype
     passes: tuple = PASSES
+    provider_names: Optional[tuple] = None  # None: every provider of the op
     records: list = field(default_factory=list)
+
+    def key(self, pass_: str, provider_name: str) -> tuple:
+        """The identity of one measurement, as record_key gives it for a record."""
+        return self.op, shape_label(self.op, self.shape), dtype_name(self.dtype), pass_, provider_name
+
+    def providers(self, device: str, use_compile: bool) -> list["Provider"]:
+        every = providers_for(self.op, device, use_compile)
+        return [p for p in every if self.provider_names is None or p.name in self.provider_names]
 
     @property
     def label(self) -> str:
@@ -296,32 +323,35 @@ def _release_memory() -> None:
         pass
 
 
+def _unsupported(error: BaseException) -> bool:
+    """The provider cannot take this call here (not a failure): llmkernels' refusal, or an
+    SDPA backend this device, dtype or shape lacks."""
+    message = str(error)
+    return (type(error).__name__ == "BackendUnavailableError" or "No available kernel" in message
+            or "No viable backend" in message)
+
+
 def run_case(case: Case, providers: list[Provider], timer, device: str) -> list[dict]:
-    """Times every provider on every pass of `case`. A provider that fails records the
-    error (its other passes are then skipped) and the case goes on."""
+    """Times every provider on every pass of `case`. A failed pass records its error and
+    the provider's other passes still run; a provider that cannot take the call at all
+    (unsupported) skips its remaining passes."""
     sets = make_input_sets(case.op, case.shape, case.dtype, device)
     for provider in providers:
         reason = provider.unavailable or (score_memory_reason(provider, case.shape, case.dtype)
                                           if case.op == "attention" else None)
-        if reason:
-            for pass_ in case.passes:
-                case.record(provider, pass_, skipped=reason)
-            continue
-        failure = None
         for pass_ in case.passes:
-            if failure:
-                case.record(provider, pass_, skipped=f"not run: {failure}")
+            if reason:
+                case.record(provider, pass_, skipped=reason)
                 continue
             try:
                 with provider.context():
                     samples = timer.time(pass_function(provider.fn, sets, pass_))
-                case.record(provider, pass_, ms=samples.median, samples_ms=samples.ms, n_input_sets=len(sets))
+                case.record(provider, pass_, n_input_sets=len(sets), **samples.fields())
             except Exception as error:  # recorded, and the run goes on
-                if type(error).__name__ == "BackendUnavailableError":  # llmkernels: "cannot run this call: why"
-                    failure = "unsupported"
-                    case.record(provider, pass_, skipped=f"unsupported: {error}")
+                if _unsupported(error):
+                    reason = f"unsupported: {error_text(error)}"
+                    case.record(provider, pass_, skipped=reason)
                 else:
-                    failure = f"{pass_} failed"
                     case.record(provider, pass_, error=error_text(error))
             finally:
                 if device == "cuda":
@@ -330,7 +360,14 @@ def run_case(case: Case, providers: list[Provider], timer, device: str) -> list[
     return case.records
 
 
-def cases_for(suite: str, device: str, quick: bool) -> list[Case]:
+def cases_for(suite: str, device: str, quick: bool, headline: bool = False) -> list[Case]:
+    if headline:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        ops = [op for op in SUITE_OPS[suite] if op in HEADLINE]
+        if device != "cuda":  # the rehearsal: every provider that runs on CPU, on a tiny shape
+            return [Case(suite, op, CPU_SHAPES[op][0], dtype, HEADLINE[op]["passes"]) for op in ops]
+        return [Case(suite, op, shape, dtype, HEADLINE[op]["passes"], HEADLINE[op]["providers"])
+                for op in ops for shape in HEADLINE[op]["shapes"]]
     if device == "cuda":
         shapes = GPU_QUICK_SHAPES if quick else GPU_SHAPES
         dtypes = {op: dtypes[:1] if quick else dtypes for op, dtypes in GPU_DTYPES.items()}

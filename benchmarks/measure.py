@@ -1,9 +1,12 @@
 """How a figure is measured: the timers, the device ceilings and the run's environment.
 
-On a GPU every sample is one call timed with CUDA events by triton.testing.do_bench,
-which flushes the L2 cache before each call; the callers also rotate among several input
-sets, so memory-bound ops read from HBM as they would inside a model. The median of the
-samples is the figure. On CPU the samples are time.perf_counter wall-clock times.
+On a GPU every sample is one call between two CUDA events, after a 1 GiB write that evicts
+the L2 cache (60 MB on the H200) and keeps the GPU busy for ~0.25 ms, long enough for the
+host to queue the call's kernels before the start event runs: the Python launch time of
+autograd wrappers stays outside the window unless it exceeds the flush, and then the
+record is flagged host-bound. The callers also rotate among several input sets. The median
+of the samples is the figure, p10 and p90 its spread. On CPU the samples are
+time.perf_counter wall-clock times.
 """
 from __future__ import annotations
 
@@ -13,55 +16,103 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FLUSH_BYTES = 1 << 30
 
 
 @dataclass
 class Samples:
-    """Per-call times of one measurement, in milliseconds."""
+    """Per-call times of one measurement, in milliseconds; on a GPU also the host time
+    each call took to return (its launches), and the device time of one flush."""
 
     ms: list[float]
+    host_ms: list[float] = field(default_factory=list)
+    flush_ms: float | None = None
 
     @property
     def median(self) -> float:
         return statistics.median(self.ms)
 
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def host_bound(self) -> bool:
+        """The host took longer to launch the call than the flush kept the GPU busy, so the
+        GPU may have waited for launches inside the timed window."""
+        return bool(self.host_ms and self.flush_ms is not None and statistics.median(self.host_ms) > self.flush_ms)
+
+    def fields(self) -> dict:
+        """What a benchmark record keeps of the measurement."""
+        host = statistics.median(self.host_ms) if self.host_ms else None
+        return {"ms": self.median, "p10_ms": self.quantile(0.1), "p90_ms": self.quantile(0.9),
+                "samples_ms": self.ms, "host_ms": host, "host_bound": self.host_bound}
+
 
 class CudaTimer:
-    """CUDA-event timing through triton.testing.do_bench, L2 flushed before every call.
+    """CUDA events around each call, the L2 flushed by a 1 GiB write before each.
 
-    do_bench repeats the call for `rep_ms` of device time; slow calls get at least
-    `min_samples` samples (capped at `max_ms` per measurement)."""
+    Warm-up runs for `warmup_ms`; then `rep_ms` of calls, at least `min_samples` of them
+    (at most `max_ms` of device time per measurement)."""
 
-    description = "CUDA events via triton.testing.do_bench (L2 flushed before each call), median"
+    description = "CUDA events per call after a 1 GiB L2-flushing write (host launches queued behind it), median"
 
-    def __init__(self, warmup_ms: float, rep_ms: float, min_samples: int, max_ms: float = 3000.0):
-        self.warmup_ms, self.rep_ms, self.min_samples, self.max_ms = warmup_ms, rep_ms, min_samples, max_ms
+    def __init__(self, warmup_ms: float, rep_ms: float, min_samples: int, max_ms: float = 3000.0,
+                 max_samples: int = 200):
+        self.warmup_ms, self.rep_ms, self.min_samples = warmup_ms, rep_ms, min_samples
+        self.max_ms, self.max_samples = max_ms, max_samples
+        self._flush: torch.Tensor | None = None
+        self._flush_ms: float | None = None
 
-    def time(self, fn: Callable[[], object]) -> Samples:
-        from triton.testing import do_bench
+    def _timed_flush(self) -> float:
+        if self._flush is None:
+            self._flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+            self._flush_ms = min(self._event_ms(self._flush.zero_) for _ in range(5))
+        return self._flush_ms
 
-        fn()  # first call: compilation, autotuning, allocator growth
-        torch.cuda.synchronize()
+    @staticmethod
+    def _event_ms(fn: Callable[[], object]) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
-        estimate_ms = start.elapsed_time(end)
-        rep_ms = min(max(self.rep_ms, self.min_samples * estimate_ms), self.max_ms)
-        times = do_bench(fn, warmup=self.warmup_ms, rep=rep_ms, return_mode="all")
-        return Samples([round(t, 5) for t in times])
+        return start.elapsed_time(end)
+
+    def time(self, fn: Callable[[], object]) -> Samples:
+        fn()  # first call: compilation, autotuning, allocator growth
+        torch.cuda.synchronize()
+        flush_ms = self._timed_flush()
+        estimate_ms = max(self._event_ms(fn), 1e-3)
+        for _ in range(max(1, min(self.max_samples, int(self.warmup_ms / estimate_ms)))):
+            fn()
+        count = max(self.min_samples, int(self.rep_ms / estimate_ms))
+        count = max(1, min(count, self.max_samples, int(self.max_ms / estimate_ms)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(count)]
+        host_ms = []
+        for start, end in zip(starts, ends):
+            self._flush.zero_()
+            launched = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            host_ms.append((time.perf_counter() - launched) * 1e3)
+        torch.cuda.synchronize()
+        return Samples([round(a.elapsed_time(b), 5) for a, b in zip(starts, ends)],
+                       [round(t, 4) for t in host_ms], flush_ms)
 
     def settings(self) -> dict:
         return {"timer": self.description, "warmup_ms": self.warmup_ms, "rep_ms": self.rep_ms,
-                "min_samples": self.min_samples, "max_ms_per_measurement": self.max_ms}
+                "min_samples": self.min_samples, "max_ms_per_measurement": self.max_ms,
+                "flush_bytes": FLUSH_BYTES, "flush_ms": self._flush_ms}
 
 
 class CpuTimer:
@@ -88,9 +139,21 @@ class CpuTimer:
 
 def make_timer(device: str, quick: bool):
     if device == "cuda":
-        # Measured budget: about 0.1 s of wall time per measurement (quick: 0.05 s).
+        # About 0.1 s of wall time per measurement (quick: 0.05 s).
         return CudaTimer(warmup_ms=5, rep_ms=20, min_samples=5) if quick else CudaTimer(10, 40, 10)
     return CpuTimer(warmup=1, reps=3) if quick else CpuTimer(warmup=2, reps=10)
+
+
+def warm_up_clocks(device: str, seconds: float = 1.0) -> None:
+    """Matmuls for about `seconds`, so the first ceilings are not measured at idle clocks."""
+    if device != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def measure_ceilings(device: str, timer) -> dict:
@@ -121,6 +184,17 @@ def measure_ceilings(device: str, timer) -> dict:
                    "value": 2 * matmul_n**3 / matmul.median / 1e9, "unit": "TFLOP/s", "ms": matmul.median,
                    "samples_ms": matmul.ms},
     }
+
+
+def keep_best_ceilings(first: dict, last: dict) -> dict:
+    """The ceilings measured at the start and the end of a run: the higher of each is the
+    device's ceiling (a low one, e.g. from clocks still ramping up, would inflate every %)."""
+    best = {}
+    for name, early in first.items():
+        late = last[name]
+        best[name] = dict(max(early, late, key=lambda c: c["value"]), first_value=early["value"],
+                          last_value=late["value"])
+    return best
 
 
 def _command_output(args: list[str]) -> str | None:

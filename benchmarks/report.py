@@ -12,6 +12,9 @@ from llm.files import atomic_output
 
 PROVIDER_ORDER = ["ours:cuda", "ours:triton", "ours:reference", "torch:eager", "torch:compile",
                   "sdpa:flash", "sdpa:cudnn", "sdpa:efficient"]
+# One colour per provider in every plot, whichever providers a run has.
+PROVIDER_COLOURS = dict(zip(PROVIDER_ORDER, ["tab:red", "tab:orange", "tab:pink", "tab:blue", "tab:cyan",
+                                             "tab:green", "tab:olive", "tab:purple"]))
 OP_ORDER = ["attention", "layer_norm", "gelu", "bias_gelu"]
 DTYPE_ORDER = ["bfloat16", "float16", "float32"]
 PASS_ORDER = ["fwd", "bwd", "fwd+bwd"]
@@ -19,8 +22,17 @@ ANCHORS_DIR = Path(__file__).resolve().parent / "anchors"
 ANCHOR_DEVICE = "NVIDIA H100 80GB HBM3"
 
 
+def _rank(order: list[str], name: str) -> int:
+    """Position in a display order; names it does not list (ops added later) come after."""
+    return order.index(name) if name in order else len(order)
+
+
 def _provider_rank(name: str) -> int:
-    return PROVIDER_ORDER.index(name) if name in PROVIDER_ORDER else len(PROVIDER_ORDER)
+    return _rank(PROVIDER_ORDER, name)
+
+
+def _ops(records: list[dict]) -> list[str]:
+    return sorted({r["op"] for r in records}, key=lambda op: (_rank(OP_ORDER, op), op))
 
 
 def _case_key(r: dict) -> tuple:
@@ -32,8 +44,8 @@ def _ordered(records: list[dict]) -> list[dict]:
     shape_rank = {}
     for r in records:
         shape_rank.setdefault((r["op"], r["shape_label"]), len(shape_rank))
-    return sorted(records, key=lambda r: (OP_ORDER.index(r["op"]), DTYPE_ORDER.index(r["dtype"]),
-                                          shape_rank[(r["op"], r["shape_label"])], PASS_ORDER.index(r["pass"]),
+    return sorted(records, key=lambda r: (_rank(OP_ORDER, r["op"]), r["op"], _rank(DTYPE_ORDER, r["dtype"]),
+                                          shape_rank[(r["op"], r["shape_label"])], _rank(PASS_ORDER, r["pass"]),
                                           _provider_rank(r["provider"])))
 
 
@@ -72,6 +84,16 @@ def _best_ours(group: list[dict]) -> dict | None:
     return _best(group, ("fused",)) or _best(group, ("reference",))
 
 
+def _comparison(ours: dict | None, base: dict | None) -> str:
+    """'1.83x' (baseline time / ours), or why there is no ratio: the reference path is
+    plain PyTorch, not a kernel, so its ratio would read as our kernels' speed."""
+    if not (ours and base):
+        return "-"
+    if ours["kind"] == "reference":
+        return "no fused kernel timed"
+    return f"{base['ms'] / ours['ms']:.2f}x"
+
+
 def _primary_dtype(records: list[dict], op: str) -> str | None:
     dtypes = {r["dtype"] for r in records if r["op"] == op}
     return next((d for d in DTYPE_ORDER if d in dtypes), None)
@@ -88,8 +110,10 @@ def _cell(r: dict | None) -> str:
     if r is None:
         return ""
     if r["ms"]:
-        return f"{fmt(r['rate'])} ({r['pct_of_ceiling']:.0f}%)"
-    return "error" if r["error"] else "skip"
+        return f"{fmt(r['rate'])} ({r['pct_of_ceiling']:.0f}%){' host-bound' if r.get('host_bound') else ''}"
+    if r["error"]:
+        return "error"
+    return "n/a" if str(r["skipped"]).startswith("unsupported") else "skip"
 
 
 def headline_markdown(run: dict) -> str:
@@ -97,7 +121,7 @@ def headline_markdown(run: dict) -> str:
     the best baseline; then the end-to-end steps."""
     records = run["records"]
     rows = []
-    for op in OP_ORDER:
+    for op in _ops(records):
         dtype = _primary_dtype(records, op)
         groups = defaultdict(list)
         for r in records:
@@ -107,14 +131,14 @@ def headline_markdown(run: dict) -> str:
             ours, base = _best_ours(group), _best(group, ("baseline",))
             ours_text = f"{ours['provider']} {fmt(ours['rate'])} {ours['unit']} ({ours['pct_of_ceiling']:.0f}%)" if ours else "none timed"
             base_text = f"{base['provider']} {fmt(base['rate'])} ({base['pct_of_ceiling']:.0f}%)" if base else "none timed"
-            ratio = f"{base['ms'] / ours['ms']:.2f}x" if ours and base else "-"
-            rows.append([op, shape, dtype, ours_text, base_text, ratio])
+            rows.append([op, shape, dtype, ours_text, base_text, _comparison(ours, base)])
     parts = []
     if rows:
         parts.append(_table(["op", "shape", "dtype", "best ours (fwd+bwd, % of ceiling)", "best baseline", "speedup"], rows))
     e2e_rows = _e2e_rows(run)
     if e2e_rows:
-        parts.append(_table(["end to end", "tokens/s", "ms/step", "MFU", "peak GiB", "vs use_fused=False"], e2e_rows))
+        parts.append(_table(["end to end", "tokens/s", "ms/step", "MFU", "of matmul ceiling", "peak GiB",
+                             "vs use_fused=False"], e2e_rows))
     return "\n\n".join(parts) if parts else "(nothing timed)"
 
 
@@ -131,7 +155,8 @@ def suite_markdown(records: list[dict], op: str, ceilings: dict) -> str:
     for (_, shape, dtype, pass_), by_provider in groups.items():
         group = list(by_provider.values())
         ours, base = _best_ours(group), _best(group, ("baseline",))
-        best = f"{base['ms'] / ours['ms']:.2f}x {ours['provider'][5:]} vs {base['provider']}" if ours and base else "-"
+        ratio = _comparison(ours, base)
+        best = f"{ratio} {ours['provider'][5:]} vs {base['provider']}" if ratio.endswith("x") else ratio
         rows.append([shape, dtype, pass_] + [_cell(by_provider.get(p)) for p in providers] + [best])
     unit = mine[0]["unit"]
     ceiling = ceilings["matmul"] if unit == "TFLOP/s" else ceilings["copy"]
@@ -147,12 +172,14 @@ def _e2e_rows(run: dict) -> list[list[str]]:
     for r in results:
         if r.get("tokens_per_s"):
             mfu = f"{100 * r['mfu']:.1f}% of {r['mfu_peak_tflops']:.0f} TF" if r.get("mfu") else "-"
+            of_ceiling = f"{100 * r['mfu_of_matmul_ceiling']:.1f}%" if r.get("mfu_of_matmul_ceiling") else "-"
             base = unfused.get(r["mode"])
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r["use_fused"] else "-"
-            rows.append([r["label"], f"{r['tokens_per_s']:.0f}", f"{r['ms_per_step']:.1f}", mfu,
+            rows.append([r["label"], f"{r['tokens_per_s']:.0f}", f"{r['ms_per_step']:.1f}", mfu, of_ceiling,
                          fmt(r.get("peak_memory_gib")), ratio])
         else:
-            rows.append([r["label"], "error" if r.get("error") else "skip", "", "", "", r.get("error") or r.get("skipped", "")])
+            note = (r.get("error") or r.get("skipped") or "").replace("|", "/")
+            rows.append([r["label"], "error" if r.get("error") else "skip", "", "", "", "", note])
     return rows
 
 
@@ -161,34 +188,40 @@ def details_markdown(records: list[dict]) -> str:
     for r in _ordered(records):
         ratios = ", ".join(f"{name} {x:.2f}x" for name, x in sorted(r.get("speedup_vs", {}).items()))
         note = r["error"] or r["skipped"] or ""
+        spread = f"{r['p10_ms']:.4g}-{r['p90_ms']:.4g}" if r.get("p10_ms") else "-"
+        host = f"{r['host_ms']:.3g}{' host-bound' if r.get('host_bound') else ''}" if r.get("host_ms") else "-"
         rows.append([r["op"], r["shape_label"], r["dtype"], r["pass"], r["provider"],
-                     f"{r['ms']:.4g}" if r["ms"] else "-", fmt(r["rate"]), r["unit"],
+                     f"{r['ms']:.4g}" if r["ms"] else "-", spread, host, fmt(r["rate"]), r["unit"],
                      f"{r['pct_of_ceiling']:.1f}" if r.get("pct_of_ceiling") else "-", ratios, note.replace("|", "/")])
-    return _table(["op", "shape", "dtype", "pass", "provider", "ms", "rate", "unit", "% ceiling",
-                   "speed vs baselines", "error / skipped"], rows)
+    return _table(["op", "shape", "dtype", "pass", "provider", "ms", "p10-p90 ms", "host ms", "rate", "unit",
+                   "% ceiling", "speed vs baselines", "error / skipped"], rows)
 
 
 def anchors_markdown(comparison: dict) -> str:
     if not comparison.get("rows"):
         return comparison.get("note", "")
-    rows = [[c["anchor"], fmt(c["anchor_value"]), fmt(c["ours_value"]), c["unit"], f"{c['ratio']:.2f}", c["ours"],
-             c["method_differs"] or ""] for c in comparison["rows"]]
+    rows = [[c["anchor"], fmt(c["anchor_value"]), fmt(c["ours_value"]), c["unit"], f"{c['ratio']:.2f}",
+             f"{c['ceiling_ratio']:.2f}" if c.get("ceiling_ratio") else "-", c["ours"], c["method_differs"] or ""]
+            for c in comparison["rows"]]
     return (comparison["note"] + "\n\n" + _table(
-        ["anchor", "anchor value", "this run", "unit", "this run / anchor", "compared with", "method differs"], rows))
+        ["anchor", "anchor value", "this run", "unit", "this run / anchor", "same, as % of each device's ceiling",
+         "compared with", "method differs"], rows))
 
 
 def full_markdown(run: dict) -> str:
     env, ceilings = run["env"], run["ceilings"]
     lines = [f"# llmkernels benchmarks: {env['device']}", "",
              f"{run['started']} | {'CPU run (wall-clock, not GPU figures)' if run['mode'] == 'cpu' else 'GPU run'}"
-             f"{' | quick' if run['quick'] else ''} | suites: {', '.join(run['suites'])} | {run['elapsed_s']:.0f} s",
+             f"{' | quick' if run['quick'] else ''}{' | headline' if run.get('headline') else ''}"
+             f" | suites: {', '.join(run['suites'])} | {run['elapsed_s']:.0f} s"
+             f"{' | ' + run['interrupted'] + ': partial results' if run.get('interrupted') else ''}",
              f"torch {env['torch']} (CUDA {env['torch_cuda']}), triton {env['triton']}, driver {env['driver']}, "
              f"git {env['git_commit'] or 'no commit'}{' (dirty)' if env['git_dirty'] else ''}",
              f"timing: {run['timer']['timer']}", "",
              "## Ceilings (measured in this run)", "",
-             _table(["ceiling", "value"], [[c["what"], f"{fmt(c['value'])} {c['unit']}"] for c in ceilings.values()]),
+             _table(["ceiling", "value", "first, last measured"], [_ceiling_row(c) for c in ceilings.values()]),
              "", "## Headline", "", headline_markdown(run), ""]
-    for op in OP_ORDER:
+    for op in _ops(run["records"]):
         table = suite_markdown(run["records"], op, ceilings)
         if table:
             lines += [table, ""]
@@ -200,10 +233,15 @@ def full_markdown(run: dict) -> str:
     return "\n".join(lines)
 
 
+def _ceiling_row(c: dict) -> list[str]:
+    both = f"{fmt(c['first_value'])}, {fmt(c['last_value'])}" if "first_value" in c else "-"
+    return [c["what"], f"{fmt(c['value'])} {c['unit']}", both]
+
+
 def stdout_markdown(run: dict) -> str:
-    parts = ["## Ceilings", _table(["ceiling", "value"], [[c["what"], f"{fmt(c['value'])} {c['unit']}"]
-                                                        for c in run["ceilings"].values()])]
-    parts += [t for t in (suite_markdown(run["records"], op, run["ceilings"]) for op in OP_ORDER) if t]
+    parts = ["## Ceilings", _table(["ceiling", "value", "first, last measured"],
+                                   [_ceiling_row(c) for c in run["ceilings"].values()])]
+    parts += [t for t in (suite_markdown(run["records"], op, run["ceilings"]) for op in _ops(run["records"])) if t]
     parts += ["## Anchors (method check)", anchors_markdown(run.get("anchors", {}))]
     parts += ["## Headline", headline_markdown(run)]
     return "\n\n".join(parts)
@@ -269,46 +307,67 @@ def match_anchor(key: str, run: dict):
     return None
 
 
+def anchor_ceilings(anchors: list[tuple[str, str, float, str]]) -> dict:
+    """The anchors' device ceilings by unit: GB/s (copy) and TFLOP/s (matmul)."""
+    found = {}
+    for _, key, value, unit in anchors:
+        if key.startswith("ceiling: "):
+            found.setdefault(unit, value)
+    return found
+
+
 def compare_with_anchors(run: dict, paths: list[Path]) -> dict:
     """Our baselines against the saved anchor figures: a check of the method, since both
-    time the same PyTorch ops on the same kind of device. Ratios near 1 are the goal; rows
-    where the anchor's method differs are shown but left out of the summary."""
+    time the same PyTorch ops. The anchors come from another GPU, so each figure is compared
+    as a fraction of its own device's measured ceiling (copy for GB/s, matmul for TFLOP/s and
+    tok/s); near 1 is the goal. Rows where the anchor's method differs are shown but left out
+    of the summary, and so are the ceilings themselves (they compare the devices)."""
     if run["mode"] != "cuda":
         return {"note": "Skipped: anchors are H100 figures and this is a CPU run.", "rows": []}
     try:
         anchors = load_anchors(paths)
     except (OSError, ValueError) as error:
         return {"note": f"Skipped: cannot read anchors ({error}).", "rows": []}
+    theirs = anchor_ceilings(anchors)
+    ours_ceiling = {"GB/s": run["ceilings"]["copy"]["value"], "TFLOP/s": run["ceilings"]["matmul"]["value"],
+                    "tok/s": run["ceilings"]["matmul"]["value"]}
     rows = []
     for source, key, value, unit in anchors:
         matched = match_anchor(key, run)
         if matched:
             ours, what, differs = matched
+            ceiling_unit = "TFLOP/s" if unit == "tok/s" else unit
+            is_ceiling = key.startswith("ceiling: ")
+            ceiling_ratio = (None if is_ceiling or ceiling_unit not in theirs else
+                             (ours / ours_ceiling[unit]) / (value / theirs[ceiling_unit]))
             rows.append({"anchor": key, "source": source, "anchor_value": value, "ours_value": ours, "unit": unit,
-                         "ratio": ours / value, "ours": what, "method_differs": differs})
+                         "ratio": ours / value, "ceiling_ratio": ceiling_ratio, "ours": what,
+                         "method_differs": "the devices' ceilings" if is_ceiling else differs})
     note = f"Anchors: {', '.join(Path(p).name for p in paths)} (measured on an {ANCHOR_DEVICE})."
     if run["env"].get("device") != ANCHOR_DEVICE:
-        note += f" This run is on {run['env'].get('device')}: ratios compare devices, not only methods."
-    same_method = [r["ratio"] for r in rows if not r["method_differs"]]
+        note += f" This run is on {run['env'].get('device')}: compare the % of ceiling column, not absolute ratios."
+    same_method = [r["ceiling_ratio"] for r in rows if not r["method_differs"] and r["ceiling_ratio"]]
     median = statistics.median(same_method) if same_method else None
     if same_method:
         outside = sum(1 for x in same_method if not 0.9 <= x <= 1.1)
-        note += (f" Same method: {len(same_method)} figures, median ratio {median:.2f}, {outside} outside 0.9-1.1;"
-                 f" {len(rows) - len(same_method)} more where the anchor's method differs (marked).")
+        note += (f" Same method, as % of each device's ceiling: {len(same_method)} figures, median ratio "
+                 f"{median:.2f}, {outside} outside 0.9-1.1; {len(rows) - len(same_method)} more rows where the "
+                 "method differs (marked).")
     return {"note": note, "rows": rows, "median_ratio_same_method": median}
 
 
 # ----------------------------------------------------------------------------- plots
 def plot(run: dict, path: Path) -> None:
     """One PNG: per op, % of the measured ceiling of each provider on each (shape, pass) in
-    the primary dtype; then end-to-end tokens/s."""
+    the primary dtype, our best kernel's speedup over the best baseline above its bar and
+    the untimed providers marked; then end-to-end tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = run["records"]
-    ops = [op for op in OP_ORDER if any(r["op"] == op for r in records)]
+    ops = _ops(records)
     e2e = [r for r in run.get("e2e", []) if r.get("tokens_per_s")]
     panels = len(ops) + (1 if e2e else 0)
     if panels == 0:
@@ -324,13 +383,27 @@ def plot(run: dict, path: Path) -> None:
         dtype = _primary_dtype(records, op)
         mine = _ordered([r for r in records if r["op"] == op and r["dtype"] == dtype])
         groups = list(dict.fromkeys((r["shape_label"], r["pass"]) for r in mine))
-        providers = sorted({r["provider"] for r in mine if r["ms"]}, key=_provider_rank)
+        providers = sorted({r["provider"] for r in mine}, key=_provider_rank)
         width = 0.8 / max(1, len(providers))
-        for i, provider in enumerate(providers):
-            values = {(r["shape_label"], r["pass"]): r["pct_of_ceiling"] for r in mine if r["provider"] == provider and r["ms"]}
-            xs = [g for g, key in enumerate(groups) if key in values]
-            ax.bar([x + (i - (len(providers) - 1) / 2) * width for x in xs],
-                   [values[groups[x]] for x in xs], width, label=provider)
+        slot = {p: (i - (len(providers) - 1) / 2) * width for i, p in enumerate(providers)}
+        by_key = {(r["shape_label"], r["pass"], r["provider"]): r for r in mine}
+        for provider in providers:
+            timed = [(g, by_key[key + (provider,)]) for g, key in enumerate(groups)
+                     if key + (provider,) in by_key and by_key[key + (provider,)]["ms"]]
+            if timed:
+                ax.bar([g + slot[provider] for g, _ in timed], [r["pct_of_ceiling"] for _, r in timed], width,
+                       label=provider, color=PROVIDER_COLOURS.get(provider))
+        for g, key in enumerate(groups):
+            group = [by_key[key + (p,)] for p in providers if key + (p,) in by_key]
+            for r in group:  # what was not timed says so where its bar would be
+                if not r["ms"]:
+                    ax.text(g + slot[r["provider"]], 0, _cell(r), rotation=90, fontsize=6, ha="center",
+                            va="bottom", color="gray")
+            ours, base = _best_ours(group), _best(group, ("baseline",))
+            ratio = _comparison(ours, base)
+            if ratio.endswith("x"):  # speed of our best kernel against the best baseline, over its bar
+                ax.annotate(ratio, (g + slot[ours["provider"]], ours["pct_of_ceiling"]), fontsize=7,
+                            ha="center", va="bottom")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], fontsize=7)
         unit = mine[0]["unit"] if mine else ""
@@ -343,9 +416,9 @@ def plot(run: dict, path: Path) -> None:
         ax = axes[-1, 0]
         ax.bar(range(len(e2e)), [r["tokens_per_s"] for r in e2e], color="tab:gray")
         ax.set_xticks(range(len(e2e)))
-        ax.set_xticklabels([r["label"] for r in e2e], fontsize=8)
+        ax.set_xticklabels([r["label"].split(" ", 2)[-1] for r in e2e], fontsize=8)
         ax.set_ylabel("tokens/s")
-        ax.set_title("GPT-2 training step", fontsize=10)
+        ax.set_title(f"training steps: {e2e[0]['preset']} B{e2e[0]['batch']}xT{e2e[0]['seq']}", fontsize=10)
     fig.suptitle(f"llmkernels benchmarks: {run['env']['device']}{' (CPU wall-clock)' if run['mode'] == 'cpu' else ''}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     with atomic_output(path) as tmp:

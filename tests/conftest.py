@@ -1,6 +1,21 @@
-"""Shared test set-up. Without a GPU the Triton kernels run in Triton's interpreter, which
-reads TRITON_INTERPRET when the kernels are defined, so it is set before llmkernels is
-imported anywhere."""
+"""Shared test set-up: the two lanes, the op contract, and a seeded generator.
+
+Lanes:
+  CPU lane  every test not marked `gpu`; runs everywhere. Without a GPU the Triton kernels run
+            in Triton's interpreter, which reads TRITON_INTERPRET when the kernels are
+            defined, so it is set here before llmkernels is imported anywhere.
+  GPU lane  tests marked `gpu` (`requires_cuda` is that mark); skipped without a CUDA device.
+            `pytest -m gpu` selects it; scripts/gpu_session.py runs it on the GPU machine.
+
+Triton has one mode per process: interpreted (CPU tensors) or compiled for the GPU. So on a
+machine with a GPU, where TRITON_INTERPRET stays unset, the Triton CPU lane (the tests of a
+module marked `triton` that are not marked `gpu`, and tests marked `triton_interpreter`) is
+skipped with the reason; run it there with `TRITON_INTERPRET=1 pytest tests -m "not gpu"`.
+Under the interpreter the Triton GPU lane is skipped (it would time nothing real).
+
+`--triton-first-config` makes every Triton autotuner run its first config, untuned: the GPU
+correctness subset then compiles a few kernels instead of every candidate config.
+"""
 import os
 
 import torch
@@ -13,7 +28,8 @@ import pytest  # noqa: E402
 import llmkernels  # noqa: E402
 from llmkernels import backends  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The GPU lane's mark; collection skips it without a CUDA device.
+requires_cuda = pytest.mark.gpu
 requires_extension = pytest.mark.skipif(
     not backends.CUDA_EXTENSION_LOADED, reason="the CUDA extension llmkernels._C is not built here"
 )
@@ -35,9 +51,55 @@ OP_SCHEMAS = {
     "flash_attention_backward": "llmkernels::flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
 }
 
+NO_CUDA = "needs a CUDA device"
+NEEDS_INTERPRETER = ("Triton CPU lane: needs TRITON_INTERPRET=1 (with a GPU the kernels are compiled for it; "
+                     "run TRITON_INTERPRET=1 pytest tests -m 'not gpu')")
+NEEDS_COMPILED_TRITON = "Triton GPU lane: needs the compiled kernels (unset TRITON_INTERPRET)"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--triton-first-config", action="store_true",
+                     help="every Triton autotuner runs its first config without tuning (quick GPU correctness runs)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: the module tests Triton kernels (its tests not marked gpu need "
+                                       "the interpreter)")
+    config.addinivalue_line("markers", "triton_interpreter: runs Triton kernels on CPU tensors (TRITON_INTERPRET=1)")
+    if config.getoption("--triton-first-config") and backends.TRITON_IMPORTABLE:
+        from triton.runtime.autotuner import Autotuner
+
+        first_config_only(Autotuner)
+
+
+def first_config_only(autotuner_class) -> None:
+    """Every autotuner of this class keeps only its first config when it first runs; with
+    one config Triton runs it without benchmarking."""
+    tune = autotuner_class.run
+
+    def run_first_config(self, *args, **kwargs):
+        self.configs = self.configs[:1]
+        return tune(self, *args, **kwargs)
+
+    autotuner_class.run = run_first_config
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        gpu = item.get_closest_marker("gpu") is not None
+        triton_module = item.get_closest_marker("triton") is not None
+        if gpu and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+        elif gpu and triton_module and backends.TRITON_INTERPRETER:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_COMPILED_TRITON))
+        elif (item.get_closest_marker("triton_interpreter") or (triton_module and not gpu)) \
+                and not backends.TRITON_INTERPRETER:
+            item.add_marker(pytest.mark.skip(reason=NEEDS_INTERPRETER))
+
 
 def pytest_report_header(config):
-    lines = [f"torch {torch.__version__}, CUDA device: {torch.cuda.is_available()}"]
+    lines = [f"torch {torch.__version__}, CUDA device: {torch.cuda.is_available()}, "
+             f"Triton interpreter: {backends.TRITON_INTERPRETER}"]
     for name, (usable, reason) in llmkernels.available_backends().items():
         lines.append(f"llmkernels backend {name}: {'usable' if usable else 'not usable: ' + reason}")
     return lines

@@ -1,13 +1,17 @@
 """The benchmark command (benchmarks/): its CPU path, which is what a machine without a GPU
 runs, finishes and writes results that parse; and the anchor comparison matches the saved
 H100 figures to our cases. No timing is asserted."""
+import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import kernels, report  # benchmarks/ runs from the checkout (pytest pythonpath ".")
+import pytest
+
+from benchmarks import cli, kernels, report  # benchmarks/ runs from the checkout (pytest pythonpath ".")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +66,74 @@ def test_anchor_figures_map_to_our_cases():
     anchors = report.load_anchors(paths)
     comparable = [key for _, key, _, unit in anchors
                   if unit in ("TFLOP/s", "GB/s") or (unit == "tok/s" and "manual-attn" not in key)]
+    theirs = report.anchor_ceilings(anchors)
+    run["ceilings"] = {"copy": {"value": theirs["GB/s"]}, "matmul": {"value": theirs["TFLOP/s"]}}
     comparison = report.compare_with_anchors(run, paths)
     assert sorted(row["anchor"] for row in comparison["rows"]) == sorted(comparable)
     ln = next(row for row in comparison["rows"] if row["anchor"] == "layernorm eager fwd 16384x768 bfloat16")
     assert abs(ln["ratio"] - 1.0) < 1e-9
+    assert abs(ln["ceiling_ratio"] - 1.0) < 1e-9  # same ceilings as the anchors' device: the same ratio
+    run["ceilings"]["copy"]["value"] *= 1.5  # a device with 1.5x the bandwidth: the anchor's speed is 2/3 as good
+    ln = next(row for row in report.compare_with_anchors(run, paths)["rows"] if row["anchor"] == ln["anchor"])
+    assert abs(ln["ratio"] - 1.0) < 1e-9 and abs(ln["ceiling_ratio"] - 2 / 3) < 1e-9
+
+
+def test_an_interrupted_run_writes_what_it_measured(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks", "--device", "cpu", "--out", str(tmp_path)],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # interrupt once the cases have started
+        if line.startswith("[") and "attention" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=120) == 130
+    run = json.loads((tmp_path / "results.json").read_text())
+    assert run["interrupted"].startswith("interrupted")
+    assert "partial results" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "summary.png").is_file()
+
+
+def test_each_run_gets_its_own_folder_and_an_earlier_one_is_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "RESULTS_DIR", tmp_path / "results")
+    env = {"device_kind": "cpu"}
+    started = datetime.datetime(2026, 12, 1, 14, 5, 9)
+    args = cli.parse_args(["--quick"])
+    first = cli.output_dir(args, "cpu", env, started)
+    assert first.name == "2026-12-01-140509-cpu-quick"
+    first.mkdir(parents=True)
+    assert cli.output_dir(args, "cpu", env, started).name == "2026-12-01-140509-cpu-quick-2"  # same second
+
+    used = tmp_path / "mine"
+    used.mkdir()
+    assert cli.output_dir(cli.parse_args(["--out", str(used)]), "cpu", env, started) == used  # empty: fine
+    (used / "results.json").write_text("{}")
+    with pytest.raises(cli.UsageError, match="not empty"):
+        cli.output_dir(cli.parse_args(["--out", str(used)]), "cpu", env, started)
+    assert cli.output_dir(cli.parse_args(["--out", str(used), "--overwrite"]), "cpu", env, started) == used
+    assert cli.output_dir(cli.parse_args(["--out", str(used), "--extend"]), "cpu", env, started) == used
+    with pytest.raises(cli.UsageError, match="no results.json"):
+        cli.output_dir(cli.parse_args(["--out", str(tmp_path / "new"), "--extend"]), "cpu", env, started)
+
+    assert cli.main(["--device", "cpu", "--out", str(used)]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, naming the option
+    for argv, message in ((["--extend"], "--extend needs --out"), (["--time-budget", "0"], "--time-budget must be"),
+                          (["--out", "x", "--overwrite", "--extend"], "exclude each other")):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_time_budget_estimates_learn_from_the_cases_already_timed():
+    estimator = cli.Estimator("cuda")
+    case = kernels.cases_for("layernorm", "cuda", quick=False, headline=True)[0]
+    providers = case.providers("cuda", use_compile=True)
+    assert [p.name for p in providers] == ["ours:cuda", "ours:triton", "torch:eager", "torch:compile"]
+    fresh = estimator.estimate_s("kernel", case, providers)
+    assert fresh >= 2 * cli.DEFAULT_COMPILE_S  # torch.compile for fwd and fwd+bwd, before any is seen
+    estimator.add("kernel", case, 55.0)
+    estimator.add("kernel", case, 65.0)
+    assert estimator.estimate_s("kernel", case, providers) == 60.0  # what this run's cases of the op took
+    step = {"mode": "compile", "estimate_s": 60}
+    estimator.add("e2e", step, 90.0)
+    assert estimator.estimate_s("e2e", step) == 90.0

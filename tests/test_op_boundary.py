@@ -148,6 +148,12 @@ def all_ops_loss(x, weight, bias, q, k, v, backend):
     return hidden.square().sum() + attended.square().sum()
 
 
+def backend_device(backend):
+    """Where a backend's kernels run in this process: the reference, and Triton under its
+    interpreter, on CPU; the compiled kernels on the GPU."""
+    return "cpu" if backend == "reference" or (backend == "triton" and backends.TRITON_INTERPRETER) else "cuda"
+
+
 def all_ops_inputs(generator, dtype=torch.float32, device="cpu"):
     make = lambda *shape: randn(*shape, generator=generator, dtype=dtype).to(device).requires_grad_(True)  # noqa: E731
     return make(5, 32), make(32), make(32), make(1, 2, 17, 64), make(1, 2, 17, 64), make(1, 2, 17, 64)
@@ -155,7 +161,7 @@ def all_ops_inputs(generator, dtype=torch.float32, device="cpu"):
 
 @pytest.mark.parametrize("backend", ["reference"] + runnable_fused_backends())
 def test_every_runnable_backend_matches_the_reference_with_gradients(backend, generator):
-    inputs = all_ops_inputs(generator)
+    inputs = all_ops_inputs(generator, device=backend_device(backend))
     loss = all_ops_loss(*inputs, backend=backend)
     grads = torch.autograd.grad(loss, inputs)
     inputs64 = [t.detach().double().requires_grad_(True) for t in inputs]
@@ -170,7 +176,7 @@ def test_every_runnable_backend_matches_the_reference_with_gradients(backend, ge
 @pytest.mark.parametrize("backend", ["reference"] + runnable_fused_backends())
 def test_compiled_forward_and_backward_without_graph_breaks(backend, generator):
     torch._dynamo.reset()
-    inputs = all_ops_inputs(generator)
+    inputs = all_ops_inputs(generator, device=backend_device(backend))
     # aot_eager traces everything (fullgraph=True fails on any graph break) and runs the
     # ops' fake and autograd registrations; inductor codegen is exercised for the reference.
     compiler = "inductor" if backend == "reference" else "aot_eager"

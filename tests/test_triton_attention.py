@@ -20,7 +20,8 @@ from llmkernels import backends
 from llmkernels.attention import causal_mask, flash_attention_reference
 from llmkernels.triton.attention import supports_flash_attention
 
-pytestmark = pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")
+pytestmark = [pytest.mark.triton,  # lanes: see conftest
+              pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")]
 
 ops = torch.ops.llmkernels
 

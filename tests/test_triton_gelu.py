@@ -14,7 +14,8 @@ from llmkernels import backends
 from llmkernels.gelu import bias_gelu_reference, gelu_reference
 from llmkernels.triton.gelu import supports_bias_gelu, supports_gelu
 
-pytestmark = pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")
+pytestmark = [pytest.mark.triton,  # lanes: see conftest
+              pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")]
 
 ops = torch.ops.llmkernels
 CPU_DTYPES = [torch.float32, torch.float16]

@@ -15,7 +15,8 @@ from llmkernels import backends
 from llmkernels.layer_norm import layer_norm_reference
 from llmkernels.triton.layer_norm import MAX_ROW_BLOCK, supports_layer_norm
 
-pytestmark = pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")
+pytestmark = [pytest.mark.triton,  # lanes: see conftest
+              pytest.mark.skipif(not backends.available_backends()["triton"][0], reason="Triton backend not usable")]
 
 ops = torch.ops.llmkernels
 EPS = 1e-5
