@@ -22,10 +22,17 @@ from pathlib import Path
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (no usage block): "prog: error: ... (see prog --help)"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A parser whose usage line shows `prog` (the console script) and whose help keeps the
-    module docstring's layout."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A parser whose usage line shows `prog` (the console script), whose help keeps the
+    module docstring's layout and whose errors are one line."""
+    return OneLineErrorParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def check_tokenizer_spec(spec: str, learnable: bool = True) -> str:
         raise ValueError(f"{spec!r}: N in bpe:N must be {VOCAB_SIZES.expected}")
     if Path(spec).expanduser().is_dir():
         raise ValueError(f"{spec} is a folder; expected {accepted}")
-    raise ValueError(f"{spec!r} is neither {accepted} (no such file)")
+    raise ValueError(f"{spec!r} is not {accepted}: no such file")
 
 
 USAGE = """

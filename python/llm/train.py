@@ -42,7 +42,7 @@ from llm.files import atomic_output
 from llm.generate import complete
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
-from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, gpt2_tokenizer, tokenizer_to_dict
+from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
 
 DEFAULT_PRESET = "tiny"
 # Tiny models spend most of their time in the (vocabulary x width) LM head, so the tiny
@@ -307,9 +307,9 @@ def build_model(cfg: TrainConfig, resume_from: dict | None):
             overrides["context_length"] = cfg.context_length
         model = GPT(GPTConfig.from_preset(cfg.preset, vocab_size=tokenizer.n_vocab, **overrides))
     elif Path(cfg.init_from).is_dir() or cfg.init_from.endswith((".safetensors", ".bin")):
-        from llm.weights import load_gpt2
+        from llm.weights import load_gpt2_with_tokenizer
 
-        model, tokenizer = load_gpt2(cfg.init_from, **overrides), gpt2_tokenizer()
+        model, tokenizer = load_gpt2_with_tokenizer(cfg.init_from, **overrides)
     else:
         model, tokenizer = model_from_checkpoint(load_checkpoint(cfg.init_from), **overrides)
     if resume_from is not None or cfg.init_from is not None:
