@@ -82,7 +82,7 @@ def test_truncated_file_is_refused(checkpoint, tmp_path, keep):
 
 
 def test_a_folder_or_a_missing_file_is_named(tmp_path):
-    with pytest.raises(IsADirectoryError, match="is a folder; expected a file such as .*ckpt.pt"):
+    with pytest.raises(ValueError, match="is a folder; expected a file such as .*ckpt.pt"):
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -85,7 +85,7 @@ def invalid_value_strategy(action: argparse.Action):
     if isinstance(action.type, Bounded):
         return invalid_numbers(action.type).map(lambda text: (text, action.type.expected))
     if action.choices is not None:
-        return words().filter(lambda text: text not in action.choices).map(lambda text: (text, "invalid choice"))
+        return words().filter(lambda text: text not in action.choices).map(lambda text: (text, ""))
     if action.type is not None:  # paths, devices, tokenizer specs: a path that does not exist is none of them
         return words().map(lambda text: ("/nonexistent-llm-fuzz/" + text, ""))
     return None

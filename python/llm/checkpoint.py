@@ -81,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint dict, or an error saying in one line why the file is not a usable checkpoint."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a folder; expected a file such as {path / 'ckpt.pt'}")
+        raise ValueError(f"checkpoint {path} is a folder; expected a file such as {path / 'ckpt.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -28,6 +28,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            # argparse (CPython 3.11) turns "--option=--" into [] without calling the type or
+            # checking the choices.
+            if action.option_strings and action.nargs is None and getattr(namespace, action.dest, None) == []:
+                expected = action.type.expected if isinstance(action.type, Bounded) else "one value"
+                self.error(f"argument {'/'.join(action.option_strings)}: expected {expected}")
+        return namespace, extras
+
 
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """A parser whose usage line shows `prog` (the console script), whose help keeps the

@@ -23,7 +23,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from llm.cli import command, device_name, existing_path, checked_by, float_in, int_in, new_parser
+from llm.cli import checked_by, command, device_name, existing_path, float_in, int_in, new_parser
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
 from llm.files import atomic_output
 from llm.generate import complete
+from llm.interrupts import StopRequests
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
 from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
@@ -101,7 +101,7 @@ class TrainConfig:
 NUMERIC_SETTINGS = {
     "context_length": int_in(1),  # and at most the model's, see check_context_length
     "dropout": float_in(0, 1, max_open=True),
-    "val_fraction": float_in(0, 1, max_open=True),
+    "val_fraction": float_in(0, 1, min_open=True, max_open=True),
     "stride": int_in(1),
     "batch_size": int_in(1),
     "grad_accum_steps": int_in(1),
@@ -209,43 +209,6 @@ class TrainingInterrupted(Exception):
             f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}; "
             f"resume=True continues it"
         )
-
-
-class StopRequests:
-    """While active (a with block), SIGINT and SIGTERM only note that training should stop,
-    so the loop finishes its step and saves a checkpoint there. A second signal is not
-    deferred: it acts as it would have without this (KeyboardInterrupt, termination)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self._previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
-        return self
-
-    def _note(self, signum, _frame) -> None:
-        self.received = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *_exc) -> None:
-        self._restore()
-
-    def requested(self, ddp: Distributed, device: torch.device) -> bool:
-        """Whether any process was asked to stop (all ranks stop at the same step)."""
-        if not ddp.enabled:
-            return self.received is not None
-        flag = torch.tensor(float(self.received is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
 
 
 def build_optimizer(
