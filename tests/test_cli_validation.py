@@ -53,6 +53,7 @@ def refused(main, argv, capsys) -> str:
         (["--preset", "gpt2", "--context-length", "2048"], ["--context-length 2048", "gpt2 preset supports (1024)"]),
         (["--min-lr", "0.1", "--lr", "0.01"], ["--min-lr 0.1 must not exceed --lr 0.01"]),
         (["--data", "/nonexistent-llm-test/*.txt"], ["data source", "matches no file or folder"]),
+        (["--data-dir", __file__], ["--data-dir", "is a file; expected a folder"]),
     ],
 )
 def test_llm_train_refuses(argv, fragments, tmp_path, capsys):
@@ -74,6 +75,8 @@ def test_llm_train_checkpoint_cases(tmp_path, capsys):
     assert "--preset gpt2 differs from the checkpoint's tiny" in line
     line = refused(train_main, ["--out-dir", str(out), "--resume", "--max-steps", "5"], capsys)
     assert "already at step 5; pass a larger --max-steps" in line
+    line = refused(train_main, ["--out-dir", str(out / "ckpt.pt")], capsys)
+    assert "--out-dir" in line and "ckpt.pt is a file; expected a folder" in line
     line = refused(train_main, ["--out-dir", str(tmp_path / "empty"), "--resume"], capsys)
     assert "--resume: no checkpoint at" in line
 

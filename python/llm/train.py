@@ -149,6 +149,10 @@ def check_config(cfg: TrainConfig) -> None:
             check_tokenizer_spec(cfg.tokenizer)
         except ValueError as error:
             raise ValueError(f"--tokenizer {error}") from None
+    for name in ("out_dir", "data_dir"):
+        folder = Path(getattr(cfg, name)).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{option(name)} {folder} is a file; expected a folder")
     if cfg.init_from is not None and not Path(cfg.init_from).exists():
         raise FileNotFoundError(f"--init-from: no such file or folder: {cfg.init_from}")
     resolve_sources(cfg.data)  # every --data source exists

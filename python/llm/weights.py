@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import tiktoken
-
 import torch
 from safetensors.torch import load_file, save_file
 
