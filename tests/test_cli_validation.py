@@ -14,6 +14,7 @@ from llm.model import GPT
 from llm.tokenizer import main as tokenizer_main
 from llm.tokenizer import tokenizer_to_dict, train_bpe
 from llm.train import main as train_main
+from llm.train import parse_args, resume_command
 from llm.weights import TOKENIZER_FILE, load_gpt2_with_tokenizer, save_hf
 from llm.weights import main as export_main
 
@@ -130,6 +131,12 @@ def test_an_export_without_its_tokenizer_is_refused_not_an_index_error(tmp_path)
     (tmp_path / TOKENIZER_FILE).unlink()
     with pytest.raises(ValueError, match=rf"{model.config.vocab_size} token embeddings but its tokenizer \(gpt2\) has 50257 tokens"):
         load_gpt2_with_tokenizer(tmp_path)
+
+
+def test_the_resume_command_drops_what_starts_a_new_run():
+    argv = ["--init-from", "gpt2 weights/", "--overwrite", "--max-steps", "9", "--init-from=x", "--lr", "1e-4"]
+    assert resume_command(argv) == "llm-train --max-steps 9 --lr 1e-4 --resume"
+    assert parse_args(["--max-steps", "9", "--lr", "1e-4", "--resume"]).resume  # and it parses
 
 
 @pytest.mark.parametrize("main, prog", [(train_main, "llm-train"), (tokenizer_main, "llm-tokenizer"),

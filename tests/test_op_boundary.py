@@ -291,3 +291,23 @@ def test_gpu_backends_bf16_match_reference_rule(backend, generator):
     grads64 = torch.autograd.grad(all_ops_loss(*inputs64, backend="reference"), inputs64)
     for index, (grad, torch_grad, grad64) in enumerate(zip(grads, torch_grads, grads64)):
         assert_close_to_reference(grad, torch_grad, grad64, factor=GRAD_FACTOR, floor=1e-2 * math.sqrt(grad64.numel()), name=f"grad {index}")
+
+
+def test_fused_model_meets_the_dtype_rules_under_autocast(monkeypatch):
+    """Under bf16 autocast the fused GPT hands bias_gelu a bf16 bias (it casts) and layer_norm
+    float32 parameters; both are accepted and the loss matches the unfused model's."""
+    from llm.config import GPTConfig
+    from llm.model import GPT
+
+    monkeypatch.setenv(backends.BACKEND_ENV_VAR, "reference")  # Triton's CPU interpreter has no bf16
+    torch.manual_seed(0)
+    config = dict(vocab_size=97, context_length=16, n_embd=32, n_layer=2, n_head=2)
+    plain, fused = GPT(GPTConfig(**config)), GPT(GPTConfig(**config, use_fused=True))
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss_plain = plain(idx, idx)
+        _, loss_fused = fused(idx, idx)
+    loss_fused.backward()
+    torch.testing.assert_close(loss_fused.float(), loss_plain.float(), atol=2e-2, rtol=2e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())

@@ -540,8 +540,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues an interrupted run: the same options plus --resume."""
-    kept = [arg for arg in argv if arg not in ("--overwrite", "--resume")]
+    """The command line that continues an interrupted run: the same options plus --resume,
+    less those that start a run (--overwrite, --init-from: the checkpoint holds the model)."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--init-from":
+            skip_value = True
+        elif arg not in ("--overwrite", "--resume") and not arg.startswith("--init-from="):
+            kept.append(arg)
     return shlex.join(["llm-train", *kept, "--resume"])
 
 
@@ -552,11 +560,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         history = train(cfg)
     except TrainingInterrupted as stop:
-        print(
-            f"llm-train: interrupted by {signal.Signals(stop.signum).name} at step {stop.step}; checkpoint saved to "
-            f"{stop.path}; continue with: {resume_command(argv)}",
-            file=sys.stderr,
-        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"llm-train: interrupted by {signal.Signals(stop.signum).name} at step {stop.step}; checkpoint saved "
+                f"to {stop.path}; continue with: {resume_command(argv)}",
+                file=sys.stderr,
+            )
         raise SystemExit(128 + stop.signum) from None  # the shell's convention for "killed by signal N"
     if int(os.environ.get("RANK", "0")) == 0:
         first, last = history["val_loss"][0][1], history["val_loss"][-1][1]
