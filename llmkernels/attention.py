@@ -169,7 +169,7 @@ def flash_attention(
 
     scale defaults to 1/sqrt(D); the causal mask is aligned bottom-right (see causal_mask)."""
     q, k, v, scale = _check_attention_arguments(q, k, v, causal, scale)
-    chosen = backends.select_backend("flash_attention", backend, q, k, v, scale=scale)
+    chosen = backends.select_backend("flash_attention", backend, q, k, v, scale)
     if chosen == "reference":
         return flash_attention_reference(q, k, v, causal, scale)
     out, _lse = backends.fused_op(chosen, "flash_attention_forward")(q, k, v, causal, scale)

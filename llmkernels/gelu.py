@@ -142,7 +142,7 @@ def gelu(x: torch.Tensor, approximate: str = "tanh", backend: str = "auto") -> t
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """gelu_tanh(x + bias) in one pass; bias has shape (x.shape[-1],)."""
+    """gelu_tanh(x + bias) in one pass; bias has shape (x.shape[-1],) and x's dtype."""
     x, bias = _check_bias_gelu_arguments(x, bias)
     chosen = backends.select_backend("bias_gelu", backend, x, bias)
     if chosen == "reference":
