@@ -88,6 +88,10 @@ def estimate_s(kind: str, item, device: str, use_compile: bool) -> float:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # llm-serve's load test, with its own options (benchmarks/serve.py)
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)

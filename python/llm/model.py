@@ -66,6 +66,16 @@ class KVCache:
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
 
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """Positions of the next num_tokens tokens, (T,): they follow the cached ones."""
+        return torch.arange(self.length, self.length + num_tokens, device=self.keys[0].device)
+
+    def attention_mask(self, num_tokens: int) -> torch.Tensor | None:
+        """None: every row has the same length, so attention uses its ordinary causal mask.
+        A cache whose rows hold different lengths (llm.serving's RowKVCache) returns a
+        (B, 1, T, S) mask instead."""
+        return None
+
     def reset(self) -> None:
         self.length = 0
 
@@ -90,10 +100,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, T, C) -> (B, H, T, D)
+        mask = None
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, H, T, D) -> (B, H, S, D)
+            mask = kv_cache.attention_mask(T)  # (B, 1, T, S) when rows differ in length
 
-        if self.use_fused:
+        if mask is not None:  # rows of different lengths: a per-row mask, which the fused kernels do not take
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        elif self.use_fused:
             # Causal mask aligned bottom-right: query i (of T) sees keys j <= i + S - T.
             # A fused kernel runs when it supports the shapes (training: S == T);
             # decoding (T=1 against the cache) falls back to llmkernels' reference.
@@ -220,8 +234,8 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens ({start} cached + {T} new) is longer than "
                 f"the model's context_length {self.config.context_length}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        pos = kv_cache.positions(T) if kv_cache is not None else torch.arange(T, device=idx.device)  # (T,) or (B, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T or B x T, C) -> (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, kv_cache)  # (B, T, C)

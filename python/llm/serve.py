@@ -1,0 +1,60 @@
+"""llm-serve: serve a model over HTTP with OpenAI-shaped endpoints (FastAPI + uvicorn).
+
+    llm-serve --ckpt out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
+    llm-serve --ckpt ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "ROMEO:", "max_tokens": 40}'
+
+The model loads once; requests are decoded together, one forward per step for all of
+them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app.
+"""
+
+from __future__ import annotations
+
+from llm.cli import command, float_in, int_in, new_parser
+from llm.runtime import DEVICE_CHOICES
+from llm.serving.engine import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
+
+PROG = "llm-serve"
+
+
+def build_parser():
+    parser = new_parser(PROG, __doc__)
+    parser.add_argument("--ckpt", required=True,
+                        help="an llm checkpoint file (task lm or instruct) or a Hugging Face GPT-2 folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port")
+    parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
+    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
+    parser.add_argument("--max-concurrency", type=int_in(1, 1024), default=DEFAULT_MAX_CONCURRENCY,
+                        help="requests decoded at once, batched into one forward per step; each holds a "
+                             "full-context KV cache row (gpt2, fp32: 75 MB) (default %(default)s)")
+    parser.add_argument("--queue", type=int_in(0, 100_000), default=DEFAULT_QUEUE,
+                        help="requests waiting beyond --max-concurrency before 429 (default %(default)s)")
+    parser.add_argument("--timeout", type=float_in(0, min_open=True), default=DEFAULT_TIMEOUT_S,
+                        help="seconds a request may take, queueing included (default %(default)s)")
+    parser.add_argument("--model-name", help="the model id clients pass (default: the --ckpt file or folder name)")
+    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    return parser
+
+
+@command(PROG)
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:  # after parsing, so --help and bad options answer at once
+        import uvicorn
+
+        from llm.serving.app import create_app
+        from llm.serving.loading import load_served_model
+    except ImportError as error:
+        raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
+
+    served = load_served_model(args.ckpt, device=args.device, use_fused=args.use_fused, name=args.model_name)
+    app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout)
+    print(f"{PROG}: serving {served.name!r} ({served.task}, {served.model.num_parameters():,} parameters) "
+          f"on {served.device}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

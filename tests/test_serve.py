@@ -1,0 +1,456 @@
+"""llm-serve: the real server (uvicorn on a free loopback port, in a thread) with a tiny
+random-weight model, talked to over HTTP with httpx; plus the per-row KV cache and the
+incremental text against the library's own paths.
+
+A test that needs requests to overlap slows the model down (a sleep in its forward), so
+that batching, queueing, disconnects and timeouts are observed, not raced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from llm.checkpoint import save_checkpoint
+from llm.config import GPTConfig
+from llm.generate import complete
+from llm.model import GPT
+from llm.prompt_template import format_prompt
+from llm.serve import main as serve_main
+from llm.serving.app import create_app
+from llm.serving.loading import load_served_model
+from llm.serving.launch import serve_in_subprocess
+from llm.serving.row_cache import RowKVCache
+from llm.serving.text import TextStream
+from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
+from llm.weights import save_hf
+
+CONTEXT = 200  # the Alpaca template alone is ~100 tokens with this small BPE
+HTTP_TIMEOUT = httpx.Timeout(60.0)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(["the quick brown fox jumps over the lazy dog; " * 4, "Below is an instruction."], 300)
+
+
+def write_checkpoint(path, tokenizer, task: str | None):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=CONTEXT, n_embd=32, n_layer=2, n_head=2)
+    checkpoint = {"model": GPT(config).state_dict(), "model_config": config.to_dict(),
+                  "tokenizer": tokenizer_to_dict(tokenizer), "step": 0}
+    if task is not None:
+        checkpoint["task"] = task
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+@pytest.fixture(scope="module")
+def instruct_ckpt(tmp_path_factory, tokenizer):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "instruct.pt", tokenizer, "instruct")
+
+
+@pytest.fixture(scope="module")
+def lm_ckpt(tmp_path_factory, tokenizer):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "lm.pt", tokenizer, None)  # no key: "lm"
+
+
+def slowed(served, seconds_per_forward: float):
+    """Make every forward take at least this long, so that requests overlap."""
+    forward = served.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds_per_forward)
+        return forward(*args, **kwargs)
+
+    served.model.forward = slow_forward
+    return served
+
+
+@contextlib.contextmanager
+def running(served, **limits):
+    """The app on a free 127.0.0.1 port (port 0: the OS picks), stopped on exit whatever happens."""
+    server = uvicorn.Server(uvicorn.Config(create_app(served, **limits), host="127.0.0.1", port=0,
+                                           log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HTTP_TIMEOUT) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def instruct_server(instruct_ckpt):
+    with running(load_served_model(instruct_ckpt, device="cpu")) as client:
+        yield client
+
+
+def health(client) -> dict:
+    response = client.get("/health")
+    assert response.status_code == 200
+    return response.json()
+
+
+def sse_events(response):
+    """The data payloads of a server-sent event stream, one at a time as they arrive."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def library_completion(ckpt, prompt: str, max_tokens: int, **sampling) -> str:
+    """What llm.generate.complete makes of the same prompt (its text after the prompt)."""
+    served = load_served_model(ckpt, device="cpu")
+    return complete(served.model, served.tokenizer, prompt, max_tokens, **sampling)[len(prompt):]
+
+
+# --------------------------------------------------------------------------- the batched decoding path
+def test_row_cache_batched_decode_matches_one_sequence_at_a_time(generator):
+    """Three sequences of different lengths decoded in one forward per step give each the
+    logits that the model's own KVCache gives it alone."""
+    config = GPTConfig(vocab_size=97, context_length=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(1)
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, 97, (1, n), generator=generator) for n in (5, 1, 11)]
+    steps = [torch.randint(0, 97, (3, 1), generator=generator) for _ in range(4)]
+    with torch.no_grad():
+        alone = []
+        for b, prompt in enumerate(prompts):
+            cache = model.new_kv_cache(1)
+            model(prompt, kv_cache=cache)
+            alone.append(torch.cat([model(step[b : b + 1], kv_cache=cache)[0] for step in steps], dim=1))  # (1, 4, V)
+        rows = RowKVCache(config, capacity=4, device="cpu", dtype=torch.float32)
+        for b, prompt in enumerate(prompts):
+            rows.select(b, b + 1)
+            model(prompt, kv_cache=rows)
+        rows.select(0, 3)
+        batched = torch.cat([model(step, kv_cache=rows)[0] for step in steps], dim=1)  # (3, 4, V)
+    assert rows.lengths[:3] == [9, 5, 15]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=0, atol=1e-5)
+
+    # Freeing row 0 moves row 2 into it; it decodes on as before.
+    rows.move_row(2, 0)
+    rows.select(0, 1)
+    cache = model.new_kv_cache(1)
+    with torch.no_grad():
+        model(torch.cat([prompts[2], *[s[2:3] for s in steps]], dim=1), kv_cache=cache)
+        nxt = torch.randint(0, 97, (1, 1), generator=generator)
+        torch.testing.assert_close(model(nxt, kv_cache=rows)[0], model(nxt, kv_cache=cache)[0], rtol=0, atol=1e-5)
+
+
+def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_sequences():
+    enc = gpt2_tokenizer()
+    text = "Hé said: STOP now. More text"
+    ids = enc.encode(text)
+    stream = TextStream(enc, ["STOP", "xyz"])
+    released = [stream.push(t) for t in ids]
+    assert "".join(released) == "Hé said: " and stream.stopped
+    assert not any("S" in piece for piece in released)  # "S", "ST", ... held back until ruled out or matched
+    assert stream.finish() == ""
+
+    stream = TextStream(enc, [])
+    pieces = [stream.push(t) for t in enc.encode("naïve 😀 end")] + [stream.finish()]
+    assert "".join(pieces) == "naïve 😀 end" and "\ufffd" not in "".join(pieces)  # never half a character
+    stream = TextStream(enc, ["😀"])  # a stop sequence across byte-level tokens
+    assert "".join(stream.push(t) for t in enc.encode("a 😀 b")) == "a " and stream.stopped
+
+
+# --------------------------------------------------------------------------- endpoints
+def test_completion_matches_the_library_and_reports_usage(instruct_server, instruct_ckpt, tokenizer):
+    prompt = "the quick brown"
+    response = instruct_server.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == "instruct.pt"
+    choice = body["choices"][0]
+    assert choice["text"] == library_completion(instruct_ckpt, prompt, 12, temperature=0)
+    n_prompt = len(tokenizer.encode(prompt))
+    assert body["usage"]["prompt_tokens"] == n_prompt
+    assert body["usage"]["total_tokens"] == n_prompt + body["usage"]["completion_tokens"]
+    if choice["finish_reason"] == "length":
+        assert body["usage"]["completion_tokens"] == 12
+    else:  # <|endoftext|> came first
+        assert choice["finish_reason"] == "stop" and body["usage"]["completion_tokens"] <= 12
+
+    models = instruct_server.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["instruct.pt"]
+    info = health(instruct_server)
+    assert info["status"] == "ok" and info["model_loaded"] and info["device"] == "cpu" and info["task"] == "instruct"
+    assert info["requests"]["completed"] == 1 and info["tokens_generated"] == body["usage"]["completion_tokens"]
+
+
+def test_seed_reproduces_a_sample_and_matches_the_library(instruct_server, instruct_ckpt):
+    request = {"prompt": "over the", "max_tokens": 20, "temperature": 1.0, "top_k": 50, "top_p": 0.95}
+    first = instruct_server.post("/v1/completions", json={**request, "seed": 7}).json()["choices"][0]["text"]
+    again = instruct_server.post("/v1/completions", json={**request, "seed": 7}).json()["choices"][0]["text"]
+    other = instruct_server.post("/v1/completions", json={**request, "seed": 8}).json()["choices"][0]["text"]
+    assert first == again != other
+    assert first == library_completion(instruct_ckpt, "over the", 20, seed=7, temperature=1.0, top_k=50, top_p=0.95)
+
+
+def test_stop_sequences_end_the_text_before_them(instruct_server):
+    request = {"prompt": "lazy dog", "max_tokens": 40, "temperature": 0}
+    full = instruct_server.post("/v1/completions", json=request).json()["choices"][0]["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert len(stop) == 2, f"the greedy text {full!r} is too short to pick a stop sequence from"
+    expected = full[: full.find(stop)]
+    body = instruct_server.post("/v1/completions", json={**request, "stop": ["never appears", stop]}).json()
+    assert body["choices"][0] == {"index": 0, "text": expected, "logprobs": None, "finish_reason": "stop"}
+    with instruct_server.stream("POST", "/v1/completions", json={**request, "stop": stop, "stream": True}) as response:
+        events = list(sse_events(response))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == expected
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streaming_sends_one_event_per_token_as_they_are_generated(instruct_ckpt):
+    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.02)
+    request = {"prompt": "the", "max_tokens": 30, "temperature": 0}
+    with running(served) as client:
+        expected = client.post("/v1/completions", json=request).json()
+        with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(response)
+            first = next(events)
+            # The first token's event is here while the rest is still being generated.
+            assert health(client)["requests"]["active"] == 1
+            rest = list(events)
+    assert rest[-1] == "[DONE]"
+    chunks = [first, *rest[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == first["id"] for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected["choices"][0]["finish_reason"]
+    assert len(chunks) - 1 == expected["usage"]["completion_tokens"] - (chunks[-1]["choices"][0]["finish_reason"] == "stop")
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected["choices"][0]["text"]
+
+
+def test_chat_uses_the_instruction_template(instruct_server):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
+    chat = instruct_server.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10,
+                                                               "temperature": 0})
+    assert chat.status_code == 200, chat.text
+    body = chat.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    templated = instruct_server.post("/v1/completions", json={"prompt": format_prompt("Name a fox."),
+                                                               "max_tokens": 10, "temperature": 0}).json()
+    assert body["choices"][0]["message"]["content"] == templated["choices"][0]["text"]  # the system message is not used
+    assert body["usage"] == templated["usage"]
+
+    stream_request = {"messages": messages[1:], "max_tokens": 10, "temperature": 0, "stream": True}
+    with instruct_server.stream("POST", "/v1/chat/completions", json=stream_request) as response:
+        events = list(sse_events(response))
+    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert streamed == body["choices"][0]["message"]["content"]
+
+
+def test_serves_a_hugging_face_gpt2_folder_with_the_fused_ops(tmp_path):
+    torch.manual_seed(0)
+    save_hf(GPT(GPTConfig(n_embd=32, n_layer=2, n_head=2, context_length=64)), tmp_path / "gpt2-small-random")
+    served = load_served_model(tmp_path / "gpt2-small-random", device="cpu", use_fused=True)
+    assert served.task == "lm" and served.model.config.use_fused
+    request = {"prompt": "Hello, world", "max_tokens": 6, "temperature": 0}
+    with running(served) as client:
+        text = client.post("/v1/completions", json=request).json()["choices"][0]["text"]
+        info = health(client)
+    assert text == complete(served.model, gpt2_tokenizer(), "Hello, world", 6, temperature=0)[len("Hello, world"):]
+    assert info["model"] == "gpt2-small-random" and info["use_fused"]
+    assert info["kernel_backends"]["reference"]["usable"]  # what llmkernels can run here
+
+
+def test_chat_is_refused_for_a_model_that_is_not_instruction_tuned(lm_ckpt):
+    with running(load_served_model(lm_ckpt, device="cpu")) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+        assert "not instruction-tuned" in response.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 40
+CHAT = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = [
+    # (endpoint, JSON body or raw bytes, status, param, words the message must contain)
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, "temperature", "finite"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": 0}, 400, "top_k", "top_k"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens", "at most"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "integer"),
+    ("/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt", "context"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs", "unknown field"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "missing"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model", "not served"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed", "greater than or equal to 0"),
+    ("/v1/completions", b'{"prompt": "x",', 400, None, "malformed JSON"),
+    ("/v1/completions", b"[1, 2]", 400, None, "JSON object"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "role"),
+    ("/v1/chat/completions", {"messages": CHAT + [{"role": "assistant", "content": "x"}]}, 400, "messages", "user"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", "context"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", "unknown field"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", "boolean"),
+]
+
+
+def test_bad_requests_get_a_4xx_with_one_line_and_the_server_carries_on(instruct_server):
+    for endpoint, body, status, param, words in BAD_REQUESTS:
+        if isinstance(body, bytes):
+            response = instruct_server.post(endpoint, content=body, headers={"Content-Type": "application/json"})
+        elif any(isinstance(v, float) and v != v for v in body.values()):
+            response = instruct_server.post(endpoint, content=json.dumps(body),  # NaN: JSON extension Python reads
+                                            headers={"Content-Type": "application/json"})
+        else:
+            response = instruct_server.post(endpoint, json=body)
+        error = response.json()["error"]
+        assert (response.status_code, error["param"]) == (status, param), (body, response.text)
+        assert set(error) == {"message", "type", "param", "code"} and error["type"]
+        assert words in error["message"] and "\n" not in error["message"], (body, error["message"])
+    not_found = instruct_server.get("/v1/nothing")
+    assert not_found.status_code == 404 and "error" in not_found.json()
+    assert instruct_server.get("/v1/completions").status_code == 405
+    assert health(instruct_server)["requests"]["completed"] == 0  # none of them generated anything
+    assert instruct_server.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_failing_generation_is_a_500_and_the_server_carries_on(instruct_ckpt):
+    served = load_served_model(instruct_ckpt, device="cpu")
+    forward, failures = served.model.forward, [RuntimeError("boom in prefill"), RuntimeError("boom in decode")]
+
+    def forward_that_fails_twice(idx, *args, **kwargs):
+        if failures and (idx.shape[1] > 1) == (len(failures) == 2):  # first a prefill, then a decode step
+            raise failures.pop(0)
+        return forward(idx, *args, **kwargs)
+
+    served.model.forward = forward_that_fails_twice
+    with running(served) as client:
+        response = client.post("/v1/completions", json={"prompt": "the quick brown fox", "max_tokens": 4})
+        assert response.status_code == 500 and "boom in prefill" in response.json()["error"]["message"]
+        with client.stream("POST", "/v1/completions", json={"prompt": "the quick brown fox", "max_tokens": 4, "stream": True}) as stream:
+            events = list(sse_events(stream))
+        assert "boom in decode" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        assert client.post("/v1/completions", json={"prompt": "the quick brown fox", "max_tokens": 4}).status_code == 200
+        info = health(client)
+    assert info["status"] == "ok" and info["requests"]["failed"] == 2 and info["requests"]["completed"] == 1
+
+
+# --------------------------------------------------------------------------- load
+def test_burst_is_batched_and_answered_200_or_429(instruct_ckpt):
+    """50 concurrent requests against 2 decoding rows and a queue of 3: every one answered,
+    none lost or hung; the first ones batched; the rest refused with Retry-After."""
+    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.005)
+
+    async def burst(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=HTTP_TIMEOUT) as client:
+            requests = [client.post("/v1/completions", json={"prompt": f"fox {i}", "max_tokens": 8, "seed": i})
+                        for i in range(50)]
+            return await asyncio.wait_for(asyncio.gather(*requests), timeout=120)
+
+    with running(served, max_concurrency=2, queue_size=3) as client:
+        responses = asyncio.run(burst(str(client.base_url)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429}, statuses
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused and statuses.count(200) >= 5  # the first five found room
+        assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "rate_limit_exceeded"
+                   for r in refused)
+        info = health(client)
+    assert info["status"] == "ok"
+    assert info["requests"] == {"active": 0, "queued": 0, "completed": statuses.count(200), "cancelled": 0,
+                                "timed_out": 0, "rejected": len(refused), "failed": 0}
+    assert info["largest_batch"] == 2  # decoded together, never more than --max-concurrency
+
+
+def test_client_that_disconnects_stops_its_generation(instruct_ckpt):
+    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.02)
+    with running(served) as client:
+        request = {"prompt": "the", "max_tokens": 150, "temperature": 0}
+        with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+            events = sse_events(response)
+            next(events), next(events)
+        # A non-streaming client that gives up is noticed too (the server polls for it).
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json=request, timeout=0.3)
+        deadline = time.monotonic() + 20
+        while (info := health(client))["requests"]["cancelled"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert info["requests"]["cancelled"] == 2 and info["requests"]["active"] == 0
+    assert info["requests"]["completed"] == 0
+    assert info["tokens_generated"] < 100  # of the 300 asked for: both stopped early
+
+
+def test_requests_past_the_timeout_end_with_504_or_a_timeout_finish_reason(instruct_ckpt):
+    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.02)
+    with running(served, timeout_s=0.3) as client:
+        request = {"prompt": "the", "max_tokens": 150, "temperature": 0}  # greedy: no <|endoftext|> in 150
+        response = client.post("/v1/completions", json=request)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as stream:
+            events = list(sse_events(stream))
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "timeout"
+        assert health(client)["requests"]["timed_out"] == 2
+
+
+# --------------------------------------------------------------------------- command line
+def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys):
+    classify = write_checkpoint(tmp_path / "classify.pt", tokenizer, "classify")
+    for argv, words in [(["--ckpt", str(classify)], "'classify' checkpoint"),
+                        (["--ckpt", str(tmp_path / "missing.pt")], "not found"),
+                        (["--ckpt", str(tmp_path)], "config.json"),
+                        (["--ckpt", str(classify), "--port", "70000"], "--port"),
+                        (["--ckpt", str(classify), "--timeout", "0"], "--timeout"),
+                        (["--ckpt", str(classify), "--device", "tpu"], "--device")]:
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and words in err and "Traceback" not in err, (argv, err)
+        assert err.splitlines()[-1].startswith("llm-serve: error:")
+
+
+def test_llm_serve_command_serves_and_stops(lm_ckpt):
+    with serve_in_subprocess(["--ckpt", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+                              "--model-name", "tiny"], startup_timeout_s=60) as server:
+        response = httpx.post(f"{server.base_url}/v1/completions",
+                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200 and response.json()["model"] == "tiny"
+    # stopped with Ctrl-C: uvicorn shuts down gracefully
+    assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
+    assert "serving 'tiny' (lm" in server.output
+
+
+def test_load_benchmark_writes_its_figures(tmp_path):
+    from benchmarks.serve import main as benchmark_main
+
+    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--batch", "2", "--prompt-tokens", "8", "--max-tokens", "4",
+            "--out", str(tmp_path)]
+    assert benchmark_main(argv) == 0
+    run = json.loads((tmp_path / "results.json").read_text())
+    assert [r["max_concurrency"] for r in run["results"]] == [2]
+    for result in run["results"]:
+        assert result["ok"] == 4 and result["completion_tokens"] > 0
+        assert result["requests_per_s"] > 0 and 0 < result["latency_p50_s"] <= result["latency_p99_s"]
+    assert "| 2 | 4 / 4 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
