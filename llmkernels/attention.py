@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from .validation import check_same_device, check_same_dtype, check_tensor
+from .validation import check_bool, check_finite_number, check_same_device, check_same_dtype, check_tensor
 
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -124,28 +124,37 @@ def _flash_attention_unsupported(
     return None
 
 
-backends.register_support_check("flash_attention", _flash_attention_unsupported)
-
-
-def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+def _check_attention_arguments(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None
+) -> tuple:
+    """flash_attention's input checks; returns (q, k, v, scale) with the default scale filled in."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     for name, t in (("k", k), ("v", v)):
         check_same_dtype(name, t, "q", q)
         check_same_device(name, t, "q", q)
+    check_bool("causal", causal)
     batch, heads, query_len, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
+    # k is checked against q first, then v against k, so each error blames the tensor that is off.
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(
             f"k must have shape (batch={batch}, kv_heads, key_len, head_dim={head_dim}) like q, got {tuple(k.shape)}"
         )
     if k.shape[1] == 0 or heads % k.shape[1] != 0:
         raise ValueError(f"the heads of q ({heads}) must be a multiple of the heads of k ({k.shape[1]})")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the same shape as k {tuple(k.shape)}, got {tuple(v.shape)}")
     if causal and query_len > k.shape[2]:
         raise ValueError(f"causal attention needs query length ({query_len}) <= key length ({k.shape[2]})")
     if min(q.shape) == 0 or k.shape[2] == 0:
         raise ValueError(f"q and k must not be empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if scale is None:
+        return q, k, v, 1.0 / math.sqrt(head_dim)
+    check_finite_number("scale", scale)
+    return q, k, v, float(scale)
+
+
+backends.register_op("flash_attention", _check_attention_arguments, _flash_attention_unsupported)
 
 
 def flash_attention(
@@ -159,9 +168,8 @@ def flash_attention(
     """Attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D) -> (B, H, Sq, D).
 
     scale defaults to 1/sqrt(D); the causal mask is aligned bottom-right (see causal_mask)."""
-    _check_attention_inputs(q, k, v, causal)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chosen = backends.select_backend("flash_attention", backend, q, k, v, scale=scale)
+    q, k, v, scale = _check_attention_arguments(q, k, v, causal, scale)
+    chosen = backends.select_backend("flash_attention", backend, q, k, v, scale)
     if chosen == "reference":
         return flash_attention_reference(q, k, v, causal, scale)
     out, _lse = backends.fused_op(chosen, "flash_attention_forward")(q, k, v, causal, scale)

@@ -11,6 +11,7 @@ kernel off); an explicit backend argument always wins over it.
 """
 import importlib
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -79,44 +80,67 @@ def _requested_backend(backend: str) -> str:
     return backend
 
 
-# op name -> check(backend, *op_args) returning None if that backend can run the call,
-# else the reason it cannot ("head_dim 96 is not supported (64, 128)"). Each op module
-# registers its own; the reference backend always accepts valid input.
-_SUPPORT_CHECKS: dict[str, Callable[..., Optional[str]]] = {}
+@dataclass(frozen=True)
+class OpEntry:
+    """What the dispatcher and explain() know about one public op.
+
+    check_arguments(*op_args, **op_kwargs): the op's own input checks (the same errors the op
+        raises), returning the arguments its support check takes;
+    unsupported(backend, *those arguments): None if that backend can run the call, else the
+        reason it cannot ("head_dim 96 is not supported (64, 128)"). The reference backend
+        always accepts valid input.
+    """
+
+    check_arguments: Callable[..., tuple]
+    unsupported: Callable[..., Optional[str]]
 
 
-def register_support_check(op: str, check: Callable[..., Optional[str]]) -> None:
-    _SUPPORT_CHECKS[op] = check
+# op name -> OpEntry. Each op module registers its own op with one register_op call.
+OPS: dict[str, OpEntry] = {}
+
+
+def register_op(op: str, check_arguments: Callable[..., tuple], unsupported: Callable[..., Optional[str]]) -> None:
+    OPS[op] = OpEntry(check_arguments, unsupported)
+
+
+def _entry(op: str) -> OpEntry:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(sorted(OPS))}")
+    return OPS[op]
 
 
 def explain(op: str, *args, **kwargs) -> dict[str, Optional[str]]:
     """Why each backend would or would not run this call: {backend: None or reason}.
 
-    Example: explain("flash_attention", q, k, v) -> {"cuda": "no CUDA device ...",
-    "triton": "...", "reference": None}. The first backend with None is what "auto" picks.
+    Takes the op's own arguments and checks them as the op does, so input the op would
+    refuse raises the same error here. Example: explain("flash_attention", q, k, v) ->
+    {"cuda": "no CUDA device ...", "triton": "...", "reference": None}. The first backend
+    with None is what "auto" picks.
     """
-    check = _SUPPORT_CHECKS[op]
+    entry = _entry(op)
+    checked = entry.check_arguments(*args, **kwargs)
     reasons = {}
     for name in BACKENDS:
         usable, reason = _STATUS[name]
-        reasons[name] = check(name, *args, **kwargs) if usable else reason
+        reasons[name] = entry.unsupported(name, *checked) if usable else reason
     return reasons
 
 
 def select_backend(op: str, backend: str, *args, **kwargs) -> str:
-    """The backend that runs `op` on these arguments: the requested one, or for "auto"
-    the first in BACKENDS whose support check passes. An explicit backend that cannot
-    run the call raises BackendUnavailableError with the reason."""
+    """The backend that runs `op` on these (already checked) arguments of its support
+    check: the requested one, or for "auto" the first in BACKENDS whose support check
+    passes. An explicit backend that cannot run the call raises BackendUnavailableError
+    with the reason."""
     backend = _requested_backend(backend)
-    check = _SUPPORT_CHECKS[op]
+    unsupported = _entry(op).unsupported
     if backend == "auto":
         for name in BACKENDS:
-            if _STATUS[name][0] and check(name, *args, **kwargs) is None:
+            if _STATUS[name][0] and unsupported(name, *args, **kwargs) is None:
                 return name
         raise AssertionError(f"{op}: the reference backend must accept every valid input")
     usable, reason = _STATUS[backend]
     if usable:
-        reason = check(backend, *args, **kwargs)
+        reason = unsupported(backend, *args, **kwargs)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {reason}")
     return backend

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from .validation import check_same_device, check_shape, check_tensor, fused_dtype_reason
+from .validation import check_same_device, check_same_dtype, check_shape, check_tensor, fused_dtype_reason
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBIC_COEFF = 0.044715
@@ -105,23 +105,36 @@ def _gelu_unsupported(backend: str, x: torch.Tensor, approximate: str = "tanh") 
 def _bias_gelu_unsupported(backend: str, x: torch.Tensor, bias: torch.Tensor) -> Optional[str]:
     if backend == "reference":
         return None
-    if bias.dtype != x.dtype:
-        return f"bias dtype {bias.dtype} differs from x dtype {x.dtype}"
     if backend == "cuda":
         return cuda_unsupported(x)
     return triton_gelu.supports_bias_gelu(x, bias)
 
 
-backends.register_support_check("gelu", _gelu_unsupported)
-backends.register_support_check("bias_gelu", _bias_gelu_unsupported)
+def _check_gelu_arguments(x: torch.Tensor, approximate: str = "tanh") -> tuple:
+    check_tensor("x", x)
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return x, approximate
+
+
+def _check_bias_gelu_arguments(x: torch.Tensor, bias: torch.Tensor) -> tuple:
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("bias", bias, ndim=1)
+    check_shape("bias", bias, (x.shape[-1],), "(the last dimension of x)")
+    check_same_device("bias", bias, "x", x)
+    # One dtype, as the fused kernels read it; under autocast the caller casts the bias.
+    check_same_dtype("bias", bias, "x", x)
+    return x, bias
+
+
+backends.register_op("gelu", _check_gelu_arguments, _gelu_unsupported)
+backends.register_op("bias_gelu", _check_bias_gelu_arguments, _bias_gelu_unsupported)
 
 
 def gelu(x: torch.Tensor, approximate: str = "tanh", backend: str = "auto") -> torch.Tensor:
     """GELU of x. The fused kernels implement approximate="tanh" (GPT-2's); "none" (erf)
     always runs the reference."""
-    check_tensor("x", x)
-    if approximate not in ("tanh", "none"):
-        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    x, approximate = _check_gelu_arguments(x, approximate)
     chosen = backends.select_backend("gelu", backend, x, approximate)
     if chosen == "reference":
         return gelu_reference(x, approximate)
@@ -129,11 +142,8 @@ def gelu(x: torch.Tensor, approximate: str = "tanh", backend: str = "auto") -> t
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """gelu_tanh(x + bias) in one pass; bias has shape (x.shape[-1],)."""
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("bias", bias, ndim=1)
-    check_shape("bias", bias, (x.shape[-1],), "(the last dimension of x)")
-    check_same_device("bias", bias, "x", x)
+    """gelu_tanh(x + bias) in one pass; bias has shape (x.shape[-1],) and x's dtype."""
+    x, bias = _check_bias_gelu_arguments(x, bias)
     chosen = backends.select_backend("bias_gelu", backend, x, bias)
     if chosen == "reference":
         return bias_gelu_reference(x, bias)

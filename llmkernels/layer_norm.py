@@ -11,7 +11,7 @@ import torch
 
 from . import backends
 from .gelu import cuda_unsupported
-from .validation import check_same_device, check_shape, check_tensor
+from .validation import check_finite_number, check_parameter_dtype, check_same_device, check_shape, check_tensor
 
 if backends.TRITON_IMPORTABLE:
     from .triton import layer_norm as triton_layer_norm
@@ -86,7 +86,23 @@ def _layer_norm_unsupported(
     return triton_layer_norm.supports_layer_norm(x, weight, bias)
 
 
-backends.register_support_check("layer_norm", _layer_norm_unsupported)
+def _check_layer_norm_arguments(
+    x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 1e-5
+) -> tuple:
+    """layer_norm's input checks; returns (x, weight, bias), what the support check takes."""
+    check_tensor("x", x, min_ndim=1)
+    hidden = x.shape[-1]
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_tensor(name, param, ndim=1)
+            check_shape(name, param, (hidden,), "(the last dimension of x)")
+            check_same_device(name, param, "x", x)
+            check_parameter_dtype(name, param, x)
+    check_finite_number("eps", eps, positive=True)
+    return x, weight, bias
+
+
+backends.register_op("layer_norm", _check_layer_norm_arguments, _layer_norm_unsupported)
 
 
 def layer_norm(
@@ -96,16 +112,9 @@ def layer_norm(
     eps: float = 1e-5,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """LayerNorm of x over its last dimension; weight and bias (optional) have shape (N,)."""
-    check_tensor("x", x, min_ndim=1)
-    hidden = x.shape[-1]
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None:
-            check_tensor(name, param, ndim=1)
-            check_shape(name, param, (hidden,), "(the last dimension of x)")
-            check_same_device(name, param, "x", x)
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    """LayerNorm of x over its last dimension; weight and bias (optional) have shape (N,) and
+    x's dtype or float32 (float32 parameters on low-precision activations)."""
+    x, weight, bias = _check_layer_norm_arguments(x, weight, bias, eps)
     chosen = backends.select_backend("layer_norm", backend, x, weight, bias)
     if chosen == "reference":
         return layer_norm_reference(x, weight, bias, eps)

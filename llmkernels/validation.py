@@ -1,6 +1,8 @@
 """Input checks shared by the public ops: every message names the argument and what was
 expected, so bad input fails here with a readable error instead of inside a kernel.
 Also the dtypes the fused kernels take, which the backends' support checks share."""
+import math
+from numbers import Real
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +32,27 @@ def check_same_device(name: str, value: torch.Tensor, other_name: str, other: to
 def check_same_dtype(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
     if value.dtype != other.dtype:
         raise TypeError(f"{name} must have the same dtype as {other_name} ({other.dtype}), got {value.dtype}")
+
+
+def check_parameter_dtype(name: str, value: torch.Tensor, x: torch.Tensor) -> None:
+    """A per-column parameter (LayerNorm's weight or bias) in x's dtype, or float32: the
+    mixed-precision case of low-precision activations with float32 master parameters."""
+    if value.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {value.dtype}")
+
+
+def check_bool(name: str, value) -> None:
+    """Exactly True or False: a truthy string such as "no" must not silently mean True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+
+
+def check_finite_number(name: str, value, *, positive: bool = False) -> None:
+    """A finite real Python/NumPy number (not a bool, a string or a tensor), > 0 if `positive`."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
 
 
 def check_shape(name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:

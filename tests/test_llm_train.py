@@ -2,13 +2,15 @@
 checkpoint errors, generation with and without the KV cache, fine-tuning GPT-2 weights."""
 
 import os
+import signal
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llm.checkpoint import load_checkpoint, model_from_checkpoint
+from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from llm.data import BatchLoader
 from llm.generate import complete, generate
 from llm.generate import main as generate_main
 from llm.train import TrainConfig, build_optimizer, learning_rate, train
@@ -104,7 +106,8 @@ def test_generation_cache_cli_and_errors(corpus, tmp_path, capsys):
          "--tokenizer", "bpe:300", "--context-length", "32", "--batch-size", "4", "--max-steps", "3",
          "--eval-interval", "3", "--eval-batches", "1", "--device", "cpu", "--no-progress"]
     )  # fmt: skip
-    assert "validation loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "step 3: val loss" in out and "--- sample ---" in out  # even with --no-progress
     model, tokenizer = model_from_checkpoint(load_checkpoint(tmp_path / "out/ckpt.pt"))
     prompt = torch.tensor([tokenizer.encode("First Citizen:")] * 2)
     n = 32 - prompt.shape[1]  # fill the context exactly
@@ -123,6 +126,96 @@ def test_generation_cache_cli_and_errors(corpus, tmp_path, capsys):
 
     generate_main(["--checkpoint", str(tmp_path / "out/ckpt.pt"), "--prompt", "All:", "--max-new-tokens", "5"])
     assert capsys.readouterr().out.startswith("All:")
+
+
+def cli_args(corpus, run_dir, cache_dir, max_steps):
+    """The command line of tiny_run (same model, data and schedule)."""
+    return [
+        "--data", str(corpus), "--data-dir", str(cache_dir), "--out-dir", str(run_dir / "out"), "--preset", "tiny",
+        "--tokenizer", "bpe:300", "--context-length", "32", "--batch-size", "4", "--max-steps", str(max_steps),
+        "--warmup-steps", "2", "--eval-interval", "4", "--eval-batches", "2", "--sample-tokens", "8", "--device", "cpu",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    """A 6-step run with evaluations at steps 4 and 6, its history and final checkpoint."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    history = train(tiny_run(corpus, root, max_steps=6, eval_interval=4, data_dir=str(root.parent / "shared-cache")))
+    return history, load_checkpoint(root / "out/ckpt.pt")
+
+
+def signal_during_step(monkeypatch, step: int, signum: int) -> None:
+    """Deliver a real signal to this process while training step `step` (1-based) fetches its batch."""
+    fetch = BatchLoader.next_batch
+    calls = []
+
+    def next_batch(self, device="cpu"):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signum)
+        return fetch(self, device)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_run(
+    corpus, tmp_path, monkeypatch, capsys, uninterrupted, signum
+):
+    expected_history, expected = uninterrupted
+    argv = cli_args(corpus, tmp_path, tmp_path.parent / "shared-cache", max_steps=6)
+    signal_during_step(monkeypatch, 3, signum)
+    with pytest.raises(SystemExit) as stopped:
+        train_main(argv)
+    assert stopped.value.code == 128 + signum
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert f"interrupted by {signal.Signals(signum).name} at step 3" in message
+    assert "continue with: llm-train" in message and message.endswith("--resume")
+    assert load_checkpoint(tmp_path / "out/ckpt.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    monkeypatch.undo()
+    argv.remove("--preset")  # a resumed run takes the preset (and the rest of the model) from its checkpoint
+    argv.remove("tiny")
+    train_main(argv + ["--resume"])  # --progress auto: no bar when stderr is not a terminal
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "step 6: val loss" in captured.out
+    resumed = load_checkpoint(tmp_path / "out/ckpt.pt")
+    assert resumed["history"] == expected["history"]
+    assert resumed["history"]["train_loss"] == expected_history["train_loss"]  # bit-identical losses
+    for key, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
+    assert resumed["train_config"]["preset"] == "tiny"
+
+
+def test_an_existing_checkpoint_is_replaced_only_when_asked(corpus, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/ckpt.pt").write_bytes(b"a step-1300 checkpoint")
+    with pytest.raises(FileExistsError, match="already exists; pass --resume to continue it, --overwrite to replace"):
+        train(tiny_run(corpus, tmp_path, max_steps=1))
+    assert (tmp_path / "out/ckpt.pt").read_bytes() == b"a step-1300 checkpoint"
+    train(tiny_run(corpus, tmp_path, max_steps=1, eval_batches=1, sample_tokens=1, overwrite=True))
+    assert load_checkpoint(tmp_path / "out/ckpt.pt")["step"] == 1
+
+
+def test_resume_refuses_what_contradicts_the_checkpoint(corpus, tmp_path):
+    path = tmp_path / "out/ckpt.pt"
+    recorded = {"preset": "tiny", "context_length": 32, "tokenizer": "bpe:300", "init_from": None}
+    fake = {"model": {}, "model_config": {}, "tokenizer": {"name": "gpt2"}, "step": 3, "train_config": recorded}
+    save_checkpoint(path, fake)
+    cases = [
+        ({"preset": "gpt2"}, "--preset gpt2 differs from the checkpoint's tiny"),
+        ({"context_length": 64}, "--context-length 64 differs from the checkpoint's 32"),
+        ({"max_steps": 3}, "--max-steps 3: .* is already at step 3"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(tiny_run(corpus, tmp_path, resume=True, **{"tokenizer": None, "context_length": None, **overrides}))
+    save_checkpoint(path, dict(fake, task="classify"))
+    with pytest.raises(ValueError, match="fine-tuned 'classify' checkpoint; continue it with llm-finetune"):
+        train(tiny_run(corpus, tmp_path, resume=True, preset=None, tokenizer=None, context_length=None))
 
 
 def test_finetune_from_gpt2_weights(corpus, tmp_path):

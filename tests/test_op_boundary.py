@@ -3,6 +3,7 @@ float64, autograd through every backend that can run here, torch.compile without
 breaks, torch.library.opcheck, and clear errors for bad input."""
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -238,7 +239,15 @@ def test_bad_inputs_name_the_argument(generator):
         (lambda: llmkernels.flash_attention(q.long(), q, q), TypeError, "q must be a floating-point tensor"),
         (lambda: llmkernels.layer_norm(x, randn(7, generator=generator)), ValueError, "weight must have shape"),
         (lambda: llmkernels.layer_norm(x, bias=x), ValueError, "bias must have 1 dimensions"),
-        (lambda: llmkernels.layer_norm(x, eps=0.0), ValueError, "eps must be positive"),
+        (lambda: llmkernels.layer_norm(x, eps=0.0), ValueError, "eps must be a finite positive number"),
+        (lambda: llmkernels.layer_norm(x, eps="1e-5"), TypeError, "eps must be a number"),
+        (lambda: llmkernels.layer_norm(x.float(), x[0].half()), TypeError, r"weight must have x's dtype \(torch.float32\) or float32"),
+        (lambda: llmkernels.layer_norm(x.half(), bias=x[0].double()), TypeError, "bias must have x's dtype"),
+        (lambda: llmkernels.bias_gelu(x, x[0].half()), TypeError, "bias must have the same dtype as x"),
+        (lambda: llmkernels.flash_attention(q, q, q, causal="yes"), TypeError, "causal must be a bool"),
+        (lambda: llmkernels.flash_attention(q, q, q, scale=float("nan")), ValueError, "scale must be a finite number"),
+        (lambda: llmkernels.flash_attention(q, q[..., :8], q), ValueError, "k must have shape"),  # k alone is off
+        (lambda: llmkernels.explain("flash_attn", q, q, q), ValueError, "unknown op 'flash_attn'; expected one of bias_gelu, flash_attention, gelu, layer_norm"),
         (lambda: llmkernels.layer_norm(x.int()), TypeError, "x must be a floating-point tensor"),
         (lambda: llmkernels.layer_norm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         (lambda: llmkernels.gelu(x, approximate="sigmoid"), ValueError, "approximate must be"),
@@ -247,6 +256,30 @@ def test_bad_inputs_name_the_argument(generator):
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_explain_refuses_what_the_op_refuses(generator):
+    q = randn(1, 2, 8, 16, generator=generator)
+    x = randn(4, 8, generator=generator)
+    calls = [
+        ("flash_attention", (q, q, q[:, :, :4]), {}),
+        ("flash_attention", (q, q, q), {"causal": "yes"}),
+        ("layer_norm", (x, x[0].half()), {}),
+        ("bias_gelu", (x, x[0].half()), {}),
+        ("gelu", (x,), {"approximate": "sigmoid"}),
+    ]
+    for op, args, kwargs in calls:
+        with pytest.raises((TypeError, ValueError)) as from_op:
+            getattr(llmkernels, op)(*args, **kwargs)
+        with pytest.raises(from_op.type, match=re.escape(str(from_op.value))):
+            llmkernels.explain(op, *args, **kwargs)
+
+
+def test_layer_norm_takes_float32_parameters_on_low_precision_x(generator):
+    x = randn(3, 8, generator=generator).half()
+    weight, bias = (randn(8, generator=generator, dtype=torch.float32) for _ in range(2))
+    expected = llmkernels.layer_norm_reference(x.float(), weight, bias).half()
+    torch.testing.assert_close(llmkernels.layer_norm(x, weight, bias), expected, atol=2e-3, rtol=2e-3)
 
 
 # ------------------------------------------------------------------ GPU lane
@@ -264,3 +297,23 @@ def test_gpu_backends_bf16_match_reference_rule(backend, generator):
     grads64 = torch.autograd.grad(all_ops_loss(*inputs64, backend="reference"), inputs64)
     for index, (grad, torch_grad, grad64) in enumerate(zip(grads, torch_grads, grads64)):
         assert_close_to_reference(grad, torch_grad, grad64, factor=GRAD_FACTOR, floor=1e-2 * math.sqrt(grad64.numel()), name=f"grad {index}")
+
+
+def test_fused_model_meets_the_dtype_rules_under_autocast(monkeypatch):
+    """Under bf16 autocast the fused GPT hands bias_gelu a bf16 bias (it casts) and layer_norm
+    float32 parameters; both are accepted and the loss matches the unfused model's."""
+    from llm.config import GPTConfig
+    from llm.model import GPT
+
+    monkeypatch.setenv(backends.BACKEND_ENV_VAR, "reference")  # Triton's CPU interpreter has no bf16
+    torch.manual_seed(0)
+    config = dict(vocab_size=97, context_length=16, n_embd=32, n_layer=2, n_head=2)
+    plain, fused = GPT(GPTConfig(**config)), GPT(GPTConfig(**config, use_fused=True))
+    fused.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss_plain = plain(idx, idx)
+        _, loss_fused = fused(idx, idx)
+    loss_fused.backward()
+    torch.testing.assert_close(loss_fused.float(), loss_plain.float(), atol=2e-2, rtol=2e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())

@@ -12,10 +12,17 @@ tokenizer as its description), so loading it never runs pickled code:
   history              losses so far, for the loss curve
   task                 optional: "lm" (absent = "lm"), "classify" or "instruct" -- what the
                        model was fine-tuned for, so every command treats it accordingly
+
+On disk that dict is the "payload" of {"payload", "sha256", "llmkernels_version"}: the
+SHA-256 of a canonical walk over the payload (every tensor's dtype, shape and bytes, every
+plain value), so a damaged file is refused instead of loading changed weights. Files
+written before the checksum existed (the bare dict) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -28,16 +35,53 @@ from llm.model import GPT
 from llm.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "step")
+ENVELOPE_KEYS = {"payload", "sha256", "llmkernels_version"}
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("llmkernels")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
+def payload_digest(payload) -> str:
+    """SHA-256 over a canonical walk of tensors and plain values (dict keys sorted)."""
+    digest = hashlib.sha256()
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}\n".encode())
+            for key in sorted(value, key=repr):
+                visit(key)
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+            for item in value:
+                visit(item)
+        else:  # str, int, float, bool, None
+            digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+    visit(payload)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    """Write the checkpoint with its checksum and the package version, atomically."""
+    envelope = {"payload": checkpoint, "sha256": payload_digest(checkpoint), "llmkernels_version": package_version()}
     with atomic_output(path) as tmp:
-        torch.save(checkpoint, tmp)
+        torch.save(envelope, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint dict, or a ValueError saying why the file is not a usable checkpoint."""
+    """The checkpoint dict, or an error saying in one line why the file is not a usable checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; expected a file such as {path / 'ckpt.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -48,6 +92,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"cannot load checkpoint {path}: the file is corrupt or not a checkpoint written by llm.train "
             f"({type(error).__name__})"
         ) from error
+    if isinstance(checkpoint, dict) and set(checkpoint) == ENVELOPE_KEYS:
+        if payload_digest(checkpoint["payload"]) != checkpoint["sha256"]:
+            raise ValueError(
+                f"checkpoint {path} is damaged: its contents do not match the checksum saved with it "
+                f"(written by llmkernels {checkpoint['llmkernels_version']})"
+            )
+        checkpoint = checkpoint["payload"]
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not an llm checkpoint: expected keys {list(REQUIRED_KEYS)}, found {found}")

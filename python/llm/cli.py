@@ -16,51 +16,134 @@ import argparse
 import functools
 import math
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (no usage block): "prog: error: ... (see prog --help)"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            # argparse (CPython 3.11) turns "--option=--" into [] without calling the type or
+            # checking the choices.
+            if action.option_strings and action.nargs is None and getattr(namespace, action.dest, None) == []:
+                expected = action.type.expected if isinstance(action.type, Bounded) else "one value"
+                self.error(f"argument {'/'.join(action.option_strings)}: expected {expected}")
+        return namespace, extras
 
 
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """A parser whose usage line shows `prog` (the console script) and whose help keeps the
-    module docstring's layout."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A parser whose usage line shows `prog` (the console script), whose help keeps the
+    module docstring's layout and whose errors are one line."""
+    return OneLineErrorParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def int_in(minimum: int | None = None, maximum: int | None = None):
+@dataclass(frozen=True)
+class Bounded:
+    """An argparse type: a number of `kind` (int, or a finite float) in a range whose ends may
+    be open (None) or excluded. The bounds stay readable (tests derive invalid values from
+    them), and check() applies the same rule to a value set in Python rather than parsed."""
+
+    kind: type
+    minimum: float | None = None
+    maximum: float | None = None
+    min_open: bool = False  # True: the minimum itself is excluded
+    max_open: bool = False
+
+    @property
+    def expected(self) -> str:
+        noun = "an integer" if self.kind is int else "a number"
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            left, right = ("(" if self.min_open else "["), (")" if self.max_open else "]")
+            return f"{noun} in {left}{low}, {high}{right}"
+        if low is not None:
+            return f"{noun} {'>' if self.min_open else '>='} {low}"
+        if high is not None:
+            return f"{noun} {'<' if self.max_open else '<='} {high}"
+        return noun
+
+    def contains(self, value) -> bool:
+        if self.kind is float and not math.isfinite(value):
+            return False
+        if self.minimum is not None and (value <= self.minimum if self.min_open else value < self.minimum):
+            return False
+        return self.maximum is None or (value < self.maximum if self.max_open else value <= self.maximum)
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}") from None
+        if not self.contains(value):
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}")
+        return value
+
+    def check(self, name: str, value) -> None:
+        """ValueError naming `name` unless value is of this type and in range."""
+        numeric = (int,) if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric) or not self.contains(value):
+            raise ValueError(f"{name}: expected {self.expected}, got {value!r}")
+
+
+def int_in(minimum: int | None = None, maximum: int | None = None) -> Bounded:
     """An argparse type: an integer in [minimum, maximum] (either bound may be open)."""
-    return _bounded(int, "an integer", minimum, maximum, True, True)
+    return Bounded(int, minimum, maximum)
 
 
 def float_in(minimum: float | None = None, maximum: float | None = None, *, min_open: bool = False,
-             max_open: bool = False):
+             max_open: bool = False) -> Bounded:
     """An argparse type: a finite float in [minimum, maximum]; min_open / max_open exclude a bound."""
-    return _bounded(float, "a number", minimum, maximum, not min_open, not max_open)
+    return Bounded(float, minimum, maximum, min_open, max_open)
 
 
-def _bounded(kind, noun: str, low, high, low_closed: bool, high_closed: bool):
-    left, right = ("[" if low_closed else "("), ("]" if high_closed else ")")
-    if low is not None and high is not None:
-        expected = f"{noun} in {left}{low}, {high}{right}"
-    elif low is not None:
-        expected = f"{noun} {'>=' if low_closed else '>'} {low}"
-    elif high is not None:
-        expected = f"{noun} {'<=' if high_closed else '<'} {high}"
-    else:
-        expected = noun
+def checked_by(check, metavar: str):
+    """An argparse type from a function that validates (and may convert) a value, raising
+    ValueError / FileNotFoundError with a message: the message becomes argparse's error."""
 
     def parse(text: str):
         try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        too_low = low is not None and (value < low if low_closed else value <= low)
-        too_high = high is not None and (value > high if high_closed else value >= high)
-        if (kind is float and not math.isfinite(value)) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+            return check(text)
+        except USER_ERRORS as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-    parse.__name__ = expected  # argparse names the type in some messages
+    parse.__name__ = metavar
     return parse
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of a file that exists (a folder is refused, with a hint)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file (e.g. {path / 'ckpt.pt'})")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a file or folder that exists."""
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"no such file or folder: {text}")
+    return text
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device llm.runtime.resolve_device accepts on this machine (kept as text)."""
+    from llm.runtime import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--device").lstrip(": ")) from None
+    return text
 
 
 def command(prog: str):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import collections
 import functools
@@ -23,6 +24,7 @@ import regex
 import tiktoken
 import tiktoken.load
 
+from llm.cli import checked_by, command, int_in, new_parser
 from llm.files import atomic_output
 
 ASSETS = Path(__file__).parent / "assets"
@@ -30,6 +32,11 @@ END_OF_TEXT = "<|endoftext|>"
 # GPT-2's pre-tokenizer: BPE never merges across these chunks (contractions, runs of
 # letters, digits, other symbols, whitespace).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+VOCAB_SIZES = int_in(257, 2**20)  # 256 bytes + <|endoftext|> at least; ids fit uint32 token files
+MIN_VOCAB_SIZE, MAX_VOCAB_SIZE = VOCAB_SIZES.minimum, VOCAB_SIZES.maximum
+LEARNED_PREFIX = "bpe:"
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,8 +54,11 @@ def train_bpe(texts: list[str], vocab_size: int, name: str = "bpe") -> tiktoken.
     of tokens. Pair counts are updated only for the chunks that contain the merged pair.
     Ties go to the smaller pair of byte strings, so training is deterministic.
     """
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size must be at least 257 (256 bytes + {END_OF_TEXT}), got {vocab_size}")
+    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {END_OF_TEXT}) and at most "
+            f"{MAX_VOCAB_SIZE}, got {vocab_size}"
+        )
     chunk_counts = collections.Counter(
         chunk.encode("utf-8") for text in texts for chunk in regex.findall(GPT2_PATTERN, text)
     )
@@ -143,10 +153,14 @@ def save_tokenizer(enc: tiktoken.Encoding, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> tiktoken.Encoding:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
         description = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read tokenizer file {path}: {error}") from error
+        raise ValueError(f"cannot read tokenizer file {path}: {error}") from None
+    if not isinstance(description, dict):
+        raise ValueError(f"cannot read tokenizer file {path}: expected a JSON object written by save_tokenizer")
     return tokenizer_from_dict(description)
 
 
@@ -155,28 +169,58 @@ def get_tokenizer(spec: str) -> tiktoken.Encoding:
     return gpt2_tokenizer() if spec == "gpt2" else load_tokenizer(spec)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python -m llm.tokenizer --train 'corpus/*.txt' --vocab-size 4096 --out tok.json
-    python -m llm.tokenizer --encode "Hello, world" [--tokenizer tok.json]"""
-    import argparse
+def check_tokenizer_spec(spec: str, learnable: bool = True) -> str:
+    """spec itself if it names a tokenizer: "gpt2", a tokenizer file, or (if learnable)
+    "bpe:N", N tokens learned on the corpus; else a ValueError saying what is accepted."""
+    accepted = '"gpt2", "bpe:N" (N an integer >= 257) or a tokenizer file' if learnable else '"gpt2" or a tokenizer file'
+    if spec == "gpt2" or Path(spec).expanduser().is_file():
+        return spec
+    if learnable and spec.startswith(LEARNED_PREFIX):
+        size = spec.removeprefix(LEARNED_PREFIX)
+        if size.isdigit() and VOCAB_SIZES.contains(int(size)):
+            return spec
+        raise ValueError(f"{spec!r}: N in bpe:N must be {VOCAB_SIZES.expected}")
+    if Path(spec).expanduser().is_dir():
+        raise ValueError(f"{spec} is a folder; expected {accepted}")
+    raise ValueError(f"{spec!r} is not {accepted}: no such file")
 
-    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+USAGE = """
+    llm-tokenizer --train 'corpus/*.txt' --vocab-size 4096 --out tok.json
+    llm-tokenizer --encode "Hello, world" [--tokenizer tok.json]
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("llm-tokenizer", __doc__ + USAGE)
     parser.add_argument("--train", nargs="+", metavar="SOURCE", help="learn a BPE on these files/globs/folders")
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=VOCAB_SIZES, default=4096, help="tokens of the learned BPE (default 4096)")
     parser.add_argument("--out", default="tokenizer.json", help="where --train saves the tokenizer")
     parser.add_argument("--encode", metavar="TEXT", help="print the ids of TEXT")
-    parser.add_argument("--tokenizer", default="gpt2", help='for --encode: "gpt2" or a saved tokenizer file')
+    parser.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        type=checked_by(lambda spec: check_tokenizer_spec(spec, learnable=False), "TOKENIZER"),
+        help='for --encode: "gpt2" or a saved tokenizer file',
+    )
+    return parser
+
+
+@command("llm-tokenizer")
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not (args.train or args.encode is not None):
+        parser.error("nothing to do: pass --train SOURCE... and/or --encode TEXT")
     if args.train:
         from llm.data import read_document, resolve_sources
 
         texts = [read_document(path) for path in resolve_sources(args.train)]
-        save_tokenizer(train_bpe(texts, args.vocab_size, name=Path(args.out).stem), args.out)
-        print(f"saved a {args.vocab_size}-token BPE to {args.out}")
+        tokenizer = train_bpe(texts, args.vocab_size, name=Path(args.out).stem)
+        save_tokenizer(tokenizer, args.out)
+        print(f"saved a {tokenizer.n_vocab}-token BPE to {args.out}")
     if args.encode is not None:
         print(get_tokenizer(args.tokenizer).encode(args.encode, allowed_special="all"))
-    if not (args.train or args.encode is not None):
-        parser.print_help()
 
 
 if __name__ == "__main__":

@@ -2,10 +2,15 @@
 autocast on GPU, validation loss / perplexity, samples, loss curve, atomic checkpoints
 with exact resume, and DistributedDataParallel under torchrun.
 
-    python -m llm.train                       # tiny preset on Shakespeare, a few CPU minutes
-    python -m llm.train --preset gpt2 --data 'corpus/*.txt' --device cuda --compile --use-fused
+    llm-train                                 # tiny preset on Shakespeare, a few CPU minutes
+    llm-train --preset gpt2 --data 'corpus/*.txt' --device cuda --compile --use-fused
     torchrun --nproc_per_node 8 -m llm.train --preset gpt2 ...
-    python -m llm.train --resume              # continue out/ckpt.pt exactly where it stopped
+    llm-train --resume                        # continue out/ckpt.pt exactly where it stopped
+    llm-train --overwrite                     # start over, replacing out/ckpt.pt
+
+An existing checkpoint is never replaced unless --overwrite says so. Ctrl-C (SIGINT) or
+SIGTERM saves a checkpoint at the end of the current step and prints the command that
+resumes it; the resumed run matches an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +34,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from llm.cli import checked_by, command, device_name, existing_path, float_in, int_in, new_parser
 from llm.config import PRESETS, GPTConfig
-from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data
+from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
 from llm.files import atomic_output
 from llm.generate import complete
+from llm.interrupts import StopRequests
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
-from llm.tokenizer import get_tokenizer, gpt2_tokenizer, tokenizer_to_dict
+from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
 
+DEFAULT_PRESET = "tiny"
 # Tiny models spend most of their time in the (vocabulary x width) LM head, so the tiny
 # preset learns a small vocabulary on its corpus instead of GPT-2's 50,257 tokens.
 PRESET_TOKENIZERS = {"tiny": "bpe:2048"}
@@ -44,7 +55,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
 @dataclass
 class TrainConfig:
     # model
-    preset: str = "tiny"
+    preset: str | None = None  # None = DEFAULT_PRESET, or the checkpoint's when resuming
     init_from: str | None = None  # fine-tune: a checkpoint (.pt) or a Hugging Face GPT-2 folder
     context_length: int | None = None  # None = the preset's (or the initial model's); shorter crops
     dropout: float | None = None  # None = the preset's
@@ -73,6 +84,7 @@ class TrainConfig:
     # bookkeeping
     out_dir: str = "out"
     resume: bool = False  # continue from out_dir/ckpt.pt
+    overwrite: bool = False  # replace an existing out_dir/ckpt.pt with a new run
     eval_interval: int = 200  # steps between validation, sample, checkpoint and plot
     eval_batches: int = 8
     sample_tokens: int = 80
@@ -80,7 +92,127 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda if available, else cpu
     seed: int = 1337
     peak_flops: float | None = None  # for MFU; None = look the GPU up in PEAK_BF16_FLOPS
-    progress: bool = True  # tqdm bar and log lines
+    progress: bool | None = None  # the tqdm bar; None = only when stderr is a terminal
+
+
+# The numeric settings and their valid ranges, shared by the command line (argparse types)
+# and check_config (a TrainConfig built in Python). None, where a field allows it, means
+# the default described in TrainConfig.
+NUMERIC_SETTINGS = {
+    "context_length": int_in(1),  # and at most the model's, see check_context_length
+    "dropout": float_in(0, 1, max_open=True),
+    "val_fraction": float_in(0, 1, min_open=True, max_open=True),
+    "stride": int_in(1),
+    "batch_size": int_in(1),
+    "grad_accum_steps": int_in(1),
+    "max_steps": int_in(1),
+    "lr_decay_steps": int_in(1),
+    "warmup_steps": int_in(0),
+    "lr": float_in(0, min_open=True),
+    "min_lr": float_in(0),
+    "weight_decay": float_in(0),
+    "beta1": float_in(0, 1, max_open=True),
+    "beta2": float_in(0, 1, max_open=True),
+    "grad_clip": float_in(0),
+    "eval_interval": int_in(1),
+    "eval_batches": int_in(1),
+    "sample_tokens": int_in(0),
+    "seed": int_in(0, 2**32 - 1),
+    "peak_flops": float_in(0, min_open=True),
+}
+# What fixes the model and its tokens: a resumed run takes these from its checkpoint.
+RESUMED_SETTINGS = ("preset", "context_length", "tokenizer", "init_from")
+
+
+def option(name: str) -> str:
+    """The command-line spelling of a TrainConfig field: max_steps -> --max-steps."""
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting in range and the settings consistent, before any work starts; a
+    ValueError / FileNotFoundError names the option."""
+    for name, kind in NUMERIC_SETTINGS.items():
+        value = getattr(cfg, name)
+        if not (value is None and getattr(TrainConfig, name) is None):  # None where None is the default
+            kind.check(option(name), value)
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"--min-lr {cfg.min_lr} must not exceed --lr {cfg.lr}")
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {cfg.preset!r}; valid presets: {', '.join(PRESETS)}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("pass --resume (continue the checkpoint) or --overwrite (replace it), not both")
+    if cfg.resume and cfg.init_from is not None:
+        raise ValueError("--resume continues OUT_DIR/ckpt.pt and --init-from starts a new run; pass one of them")
+    if cfg.tokenizer is not None:
+        try:
+            check_tokenizer_spec(cfg.tokenizer)
+        except ValueError as error:
+            raise ValueError(f"--tokenizer {error}") from None
+    for name in ("out_dir", "data_dir"):
+        folder = Path(getattr(cfg, name)).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{option(name)} {folder} is a file; expected a folder")
+    if cfg.init_from is not None and not Path(cfg.init_from).exists():
+        raise FileNotFoundError(f"--init-from: no such file or folder: {cfg.init_from}")
+    resolve_sources(cfg.data)  # every --data source exists
+
+
+def check_context_length(cfg: TrainConfig, supported: int, source: str) -> None:
+    """--context-length may crop the model's context, never extend it."""
+    if cfg.context_length is not None and cfg.context_length > supported:
+        raise ValueError(
+            f"--context-length {cfg.context_length} is more than {source} supports ({supported}); "
+            f"pass at most {supported}"
+        )
+
+
+def check_existing_checkpoint(cfg: TrainConfig, path: Path) -> None:
+    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
+    if cfg.resume and not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not (cfg.resume or cfg.overwrite) and path.exists():
+        raise FileExistsError(
+            f"{path} already exists; pass --resume to continue it, --overwrite to replace it, "
+            f"or another --out-dir"
+        )
+
+
+def resumed_config(cfg: TrainConfig, checkpoint: dict, path: Path) -> TrainConfig:
+    """cfg with the model settings of the run it resumes (RESUMED_SETTINGS); an option that
+    contradicts them, a fine-tuned checkpoint or one already at --max-steps is refused."""
+    task = checkpoint.get("task", "lm")
+    if task != "lm":
+        raise ValueError(f"--resume: {path} is a fine-tuned {task!r} checkpoint; continue it with llm-finetune")
+    if checkpoint["step"] >= cfg.max_steps:
+        raise ValueError(
+            f"--max-steps {cfg.max_steps}: {path} is already at step {checkpoint['step']}; "
+            f"pass a larger --max-steps to train further"
+        )
+    recorded = checkpoint.get("train_config", {})
+    settings = {}
+    for name in RESUMED_SETTINGS:
+        given, saved = getattr(cfg, name), recorded.get(name)
+        if given is not None and given != saved:
+            raise ValueError(
+                f"{option(name)} {given} differs from the checkpoint's {saved} ({path}); a resumed run keeps "
+                f"its model and tokenizer, so leave {option(name)} out"
+            )
+        settings[name] = saved
+    return dataclasses.replace(cfg, **settings)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint at `step` was saved to `path`."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}; "
+            f"resume=True continues it"
+        )
 
 
 def build_optimizer(
@@ -124,8 +256,8 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
 
 def load_or_learn_tokenizer(cfg: TrainConfig) -> tiktoken.Encoding:
     spec = cfg.tokenizer or PRESET_TOKENIZERS.get(cfg.preset, "gpt2")
-    if spec.startswith("bpe:"):
-        return corpus_tokenizer(cfg.data, int(spec.removeprefix("bpe:")), cfg.data_dir, cfg.val_fraction)
+    if spec.startswith(LEARNED_PREFIX):
+        return corpus_tokenizer(cfg.data, int(spec.removeprefix(LEARNED_PREFIX)), cfg.data_dir, cfg.val_fraction)
     return get_tokenizer(spec)
 
 
@@ -142,36 +274,51 @@ def build_model(cfg: TrainConfig, resume_from: dict | None):
             overrides["context_length"] = cfg.context_length
         model = GPT(GPTConfig.from_preset(cfg.preset, vocab_size=tokenizer.n_vocab, **overrides))
     elif Path(cfg.init_from).is_dir() or cfg.init_from.endswith((".safetensors", ".bin")):
-        from llm.weights import load_gpt2
+        from llm.weights import load_gpt2_with_tokenizer
 
-        model, tokenizer = load_gpt2(cfg.init_from, **overrides), gpt2_tokenizer()
+        model, tokenizer = load_gpt2_with_tokenizer(cfg.init_from, **overrides)
     else:
         model, tokenizer = model_from_checkpoint(load_checkpoint(cfg.init_from), **overrides)
+    if resume_from is not None or cfg.init_from is not None:
+        check_context_length(cfg, model.config.context_length, "the initial model")
     if cfg.context_length is not None and cfg.context_length < model.config.context_length:
         model.crop_context(cfg.context_length)
     return model, tokenizer
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run training; returns the history {"train_loss": [per step], "val_loss": [[step, loss], ...]}."""
+    """Run training; returns the history {"train_loss": [per step], "val_loss": [[step, loss], ...]}.
+    Raises TrainingInterrupted (after saving a checkpoint) on SIGINT / SIGTERM."""
+    check_config(cfg)
     device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    checkpoint_path = out_dir / "ckpt.pt"
+    check_existing_checkpoint(cfg, checkpoint_path)
+    resume_from = None
+    if cfg.resume:
+        resume_from = load_checkpoint(checkpoint_path)
+        cfg = resumed_config(cfg, resume_from, checkpoint_path)
+    else:
+        cfg = dataclasses.replace(cfg, preset=cfg.preset or DEFAULT_PRESET)
+        if cfg.init_from is None:
+            preset_context = GPTConfig.from_preset(cfg.preset).context_length
+            check_context_length(cfg, preset_context, f"the {cfg.preset} preset")
+
     ddp = setup_distributed(device)
     if device.type == "cuda" and ddp.enabled:
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
-    log = tqdm.write if (ddp.is_main and cfg.progress) else (lambda *_: None)
-    out_dir = Path(cfg.out_dir)
-    checkpoint_path = out_dir / "ckpt.pt"
+    # Evaluation lines and samples always print (rank 0); the bar only on a terminal or if asked.
+    log = tqdm.write if ddp.is_main else (lambda *_: None)
+    show_bar = ddp.is_main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
 
-    resume_from = None
-    if cfg.resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        resume_from = load_checkpoint(checkpoint_path)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model, tokenizer = main_process_first(ddp, lambda: build_model(cfg, resume_from))
     model.to(device)
     context = model.config.context_length
+    prompt_tokens = len(tokenizer.encode(cfg.sample_prompt, allowed_special="all"))
+    if prompt_tokens >= context:
+        raise ValueError(f"--sample-prompt is {prompt_tokens} tokens; the context holds {context}")
 
     meta = main_process_first(ddp, lambda: prepare_data(cfg.data, tokenizer, cfg.data_dir, cfg.val_fraction))
     stride = cfg.stride or context
@@ -210,17 +357,12 @@ def train(cfg: TrainConfig) -> dict:
         + (f"vs a peak of {peak / 1e12:.0f} TFLOP/s" if peak else "n/a (no peak FLOP/s known for this device)")
     )
 
-    def evaluate_and_save() -> None:
-        """Validation loss, a sample, the loss curve and a checkpoint (rank 0 writes)."""
-        val_loss = estimate_loss(raw_model, val_windows, cfg.eval_batches, cfg.batch_size, device, autocast)
-        history["val_loss"].append([step, val_loss])
-        log(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}")
-        sample = complete(
-            raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed, temperature=0.8, top_k=200
-        )
-        log(f"--- sample ---\n{sample}\n--------------")
+    def save() -> None:
+        """The loss curve and a checkpoint at this step (rank 0 writes; every rank takes part)."""
+        rng_states = _gather_rng(ddp)  # rank 0 collects every rank's RNG state for the checkpoint
+        if not ddp.is_main:
+            return
         save_loss_curve(history, out_dir / "loss.png")
-        rng_states = _gather_rng(ddp)
         save_checkpoint(
             checkpoint_path,
             {
@@ -236,51 +378,70 @@ def train(cfg: TrainConfig) -> dict:
             },
         )
 
+    def evaluate() -> None:
+        """Validation loss and a sample (rank 0)."""
+        val_loss = estimate_loss(raw_model, val_windows, cfg.eval_batches, cfg.batch_size, device, autocast)
+        history["val_loss"].append([step, val_loss])
+        log(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.1f}")
+        sample = complete(
+            raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed, temperature=0.8, top_k=200
+        )
+        log(f"--- sample ---\n{sample}\n--------------")
+
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (ddp.is_main and cfg.progress), dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_bar, dynamic_ncols=True)
     if step == 0 and ddp.is_main:
         history["val_loss"].append(
             [0, estimate_loss(raw_model, val_windows, cfg.eval_batches, cfg.batch_size, device, autocast)]
         )
         log(f"step 0: val loss {history['val_loss'][-1][1]:.4f}")
-    while step < cfg.max_steps:
-        started = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro_step in range(cfg.grad_accum_steps):
-            x, y = loader.next_batch(device)  # (B, T), (B, T)
-            # Under DDP, only the last micro-step all-reduces the accumulated gradients.
-            last = micro_step == cfg.grad_accum_steps - 1
-            sync = model.no_sync() if (ddp.enabled and not last) else contextlib.nullcontext()
-            with sync, autocast:
-                _, loss = model(x, y)
-                loss = loss / cfg.grad_accum_steps
-            loss.backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ddp.enabled:
-            dist.all_reduce(step_loss)  # sum over ranks -> mean below
-            step_loss /= ddp.world_size
-        step += 1
-        history["train_loss"].append(step_loss.item())  # .item() waits for the GPU: honest timing
-        elapsed = time.perf_counter() - started
-        tokens_per_s = tokens_per_step / elapsed
-        mfu = f"{flops_per_token * tokens_per_s / peak:.1%}" if peak else "n/a"
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=mfu, lr=f"{lr:.1e}")
-        bar.update(1)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if ddp.is_main:
-                evaluate_and_save()
-            else:
-                _gather_rng(ddp)  # rank 0 collects every rank's RNG state for the checkpoint
+    interrupted = False
+    with StopRequests() as stop:
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro_step in range(cfg.grad_accum_steps):
+                x, y = loader.next_batch(device)  # (B, T), (B, T)
+                # Under DDP, only the last micro-step all-reduces the accumulated gradients.
+                last = micro_step == cfg.grad_accum_steps - 1
+                sync = model.no_sync() if (ddp.enabled and not last) else contextlib.nullcontext()
+                with sync, autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum_steps
+                loss.backward()
+                step_loss += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ddp.enabled:
+                dist.all_reduce(step_loss)  # sum over ranks -> mean below
+                step_loss /= ddp.world_size
+            step += 1
+            history["train_loss"].append(step_loss.item())  # .item() waits for the GPU: honest timing
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens_per_step / elapsed
+            mfu = f"{flops_per_token * tokens_per_s / peak:.1%}" if peak else "n/a"
+            bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=mfu, lr=f"{lr:.1e}")
+            bar.update(1)
+            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if evaluated:
+                if ddp.is_main:
+                    evaluate()
+                save()
+            if step < cfg.max_steps and stop.requested(ddp, device):
+                if not evaluated:
+                    save()
+                interrupted = True
+                break
     bar.close()
     if ddp.enabled:
         dist.barrier()
+    if interrupted:
+        raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint_path)
     return history
 
 
@@ -343,51 +504,70 @@ def save_loss_curve(history: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=defaults.preset, help=f"one of {', '.join(PRESETS)}")
+    parser = new_parser("llm-train", __doc__)
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help=f"model size (default {DEFAULT_PRESET}; when resuming, the checkpoint's)")
     parser.add_argument("--data", nargs="*", default=[], help="text files, globs or folders (default: Shakespeare)")
     parser.add_argument("--data-dir", default=defaults.data_dir, help="token cache folder")
-    parser.add_argument("--tokenizer", default=None, help='"gpt2", "bpe:N" or a saved tokenizer file')
-    parser.add_argument("--out-dir", default=defaults.out_dir)
-    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
-    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--tokenizer", type=checked_by(check_tokenizer_spec, "TOKENIZER"), default=None,
+                        help='"gpt2", "bpe:N" (learn N tokens on the data) or a saved tokenizer file')
+    parser.add_argument("--out-dir", default=defaults.out_dir, help="where ckpt.pt and loss.png go")
+    parser.add_argument("--device", type=device_name, default=defaults.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
-    parser.add_argument("--init-from", default=None, help="start from a checkpoint or a GPT-2 folder")
-    for name in (
-        "context_length",
-        "dropout",
-        "stride",
-        "batch_size",
-        "grad_accum_steps",
-        "lr_decay_steps",
-        "warmup_steps",
-        "lr",
-        "min_lr",
-        "weight_decay",
-        "grad_clip",
-        "eval_interval",
-        "eval_batches",
-        "sample_tokens",
-        "seed",
-        "peak_flops",
-    ):
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt where it stopped")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
+    parser.add_argument("--init-from", type=existing_path, default=None,
+                        help="start from a checkpoint or a Hugging Face GPT-2 folder")
+    for name, kind in NUMERIC_SETTINGS.items():
         default = getattr(defaults, name)
-        kind = float if name in ("dropout", "lr", "min_lr", "weight_decay", "grad_clip", "peak_flops") else int
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"default {default}")
-    parser.add_argument("--sample-prompt", default=defaults.sample_prompt)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
-    return TrainConfig(**vars(args))
+        parser.add_argument(option(name), type=kind, default=default, metavar="N" if kind.kind is int else "X",
+                            help=f"{kind.expected}; default {default}")
+    parser.add_argument("--sample-prompt", default=defaults.sample_prompt, help="text the samples continue")
+    parser.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                        help="the progress bar: auto = only on a terminal (evaluations always print)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const="off", help="--progress off")
+    return parser
 
 
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    args["progress"] = {"auto": None, "on": True, "off": False}[args["progress"]]
+    return TrainConfig(**args)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same options plus --resume,
+    less those that start a run (--overwrite, --init-from: the checkpoint holds the model)."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--init-from":
+            skip_value = True
+        elif arg not in ("--overwrite", "--resume") and not arg.startswith("--init-from="):
+            kept.append(arg)
+    return shlex.join(["llm-train", *kept, "--resume"])
+
+
+@command("llm-train")
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    history = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0 and history["val_loss"]:
+    try:
+        history = train(cfg)
+    except TrainingInterrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"llm-train: interrupted by {signal.Signals(stop.signum).name} at step {stop.step}; checkpoint saved "
+                f"to {stop.path}; continue with: {resume_command(argv)}",
+                file=sys.stderr,
+            )
+        raise SystemExit(128 + stop.signum) from None  # the shell's convention for "killed by signal N"
+    if int(os.environ.get("RANK", "0")) == 0:
         first, last = history["val_loss"][0][1], history["val_loss"][-1][1]
         print(f"validation loss {first:.3f} -> {last:.3f}; checkpoint and loss.png in {cfg.out_dir}")
     if dist.is_initialized():
@@ -395,7 +575,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message, no traceback
-        raise SystemExit(f"error: {error}") from None
+    main()

@@ -4,22 +4,34 @@ Hugging Face stores GPT-2's linear layers as `Conv1D` modules whose weight is
 (in_features, out_features), the transpose of nn.Linear's (out, in); those four
 matrices per block (c_attn, c_proj, c_fc, mlp.c_proj) are transposed on the way in and
 out. Everything else maps one to one, because our module names follow GPT2LMHeadModel.
+
+A checkpoint trained here usually has its own learned tokenizer, which Hugging Face's
+GPT-2 tokenizer cannot stand in for; save_hf writes it next to the weights
+(llm_tokenizer.json) and load_gpt2_with_tokenizer picks it up.
+
+    llm-export --checkpoint out/ckpt.pt --out hf-model   # then GPT2LMHeadModel.from_pretrained("hf-model")
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
 
+import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
+from llm.checkpoint import load_checkpoint, model_from_checkpoint
+from llm.cli import command, existing_file, new_parser
 from llm.config import GPTConfig
 from llm.files import atomic_output
 from llm.model import GPT
+from llm.tokenizer import gpt2_tokenizer, load_tokenizer, save_tokenizer
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TOKENIZER_FILE = "llm_tokenizer.json"  # our tokenizer, when it is not GPT-2's
 # Buffers some checkpoints carry (the causal mask); they hold no learned values.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -105,6 +117,21 @@ def load_gpt2(path: str | os.PathLike, **config_overrides) -> GPT:
     return model
 
 
+def load_gpt2_with_tokenizer(path: str | os.PathLike, **config_overrides) -> tuple[GPT, tiktoken.Encoding]:
+    """load_gpt2 and the folder's tokenizer: the one save_hf stored (llm_tokenizer.json), else
+    GPT-2's, which is refused if it has more tokens than the model has embeddings."""
+    model = load_gpt2(path, **config_overrides)
+    tokenizer_path = Path(path) / TOKENIZER_FILE
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else gpt2_tokenizer()
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the model has {model.config.vocab_size} token embeddings but its tokenizer "
+            f"({tokenizer.name}) has {tokenizer.n_vocab} tokens; a model exported from an llm checkpoint "
+            f"needs its {TOKENIZER_FILE} (llm-export writes it)"
+        )
+    return model, tokenizer
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT2LMHeadModel's names and layouts (Conv1D transposed)."""
     state = {}
@@ -119,8 +146,9 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf(model: GPT, out_dir: str | os.PathLike) -> None:
-    """Write model.safetensors + config.json that GPT2LMHeadModel.from_pretrained reads."""
+def save_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: tiktoken.Encoding | None = None) -> None:
+    """Write model.safetensors + config.json that GPT2LMHeadModel.from_pretrained reads, and
+    the tokenizer (llm_tokenizer.json) unless it is GPT-2's own."""
     cfg = model.config
     hf_config = {
         "architectures": ["GPT2LMHeadModel"],
@@ -146,3 +174,35 @@ def save_hf(model: GPT, out_dir: str | os.PathLike) -> None:
         save_file(to_hf_state_dict(model), str(tmp), metadata={"format": "pt"})
     with atomic_output(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(hf_config, indent=2))
+    if tokenizer is not None and tokenizer is not gpt2_tokenizer():
+        save_tokenizer(tokenizer, out_dir / TOKENIZER_FILE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("llm-export", "Export a checkpoint written by llm-train as a Hugging Face GPT-2 folder\n"
+                        "(model.safetensors + config.json, and llm_tokenizer.json for a learned tokenizer).")
+    parser.add_argument("--checkpoint", type=existing_file, required=True, help="a checkpoint (e.g. out/ckpt.pt)")
+    parser.add_argument("--out", required=True, help="the folder to write (GPT2LMHeadModel.from_pretrained reads it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    return parser
+
+
+@command("llm-export")
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; expected a folder")
+    if (out / "model.safetensors").exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} already holds an export; pass --overwrite to replace it")
+    checkpoint = load_checkpoint(args.checkpoint)
+    task = checkpoint.get("task", "lm")
+    if task not in ("lm", "instruct"):
+        raise ValueError(f"--checkpoint {args.checkpoint} is a {task!r} model; only language models export as GPT-2")
+    model, tokenizer = model_from_checkpoint(checkpoint)
+    save_hf(model, out, tokenizer)
+    print(f"exported {args.checkpoint} (step {checkpoint['step']}) to {out}/")
+
+
+if __name__ == "__main__":
+    main()
