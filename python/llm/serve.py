@@ -11,7 +11,7 @@ them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app.
 
 from __future__ import annotations
 
-from llm.cli import command, float_in, int_in, new_parser
+from llm.cli import command, device_name, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
 from llm.serving.engine import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
@@ -24,7 +24,7 @@ def build_parser():
                         help="an llm checkpoint file (task lm or instruct) or a Hugging Face GPT-2 folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port")
-    parser.add_argument("--device", default="auto", help=DEVICE_CHOICES)
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
     parser.add_argument("--max-concurrency", type=int_in(1, 1024), default=DEFAULT_MAX_CONCURRENCY,
                         help="requests decoded at once, batched into one forward per step; each holds a "

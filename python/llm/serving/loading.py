@@ -12,8 +12,7 @@ import torch
 from llm.checkpoint import load_checkpoint, model_from_checkpoint
 from llm.model import GPT
 from llm.runtime import resolve_device
-from llm.tokenizer import gpt2_tokenizer
-from llm.weights import load_gpt2
+from llm.weights import load_gpt2_with_tokenizer
 
 GENERATIVE_TASKS = ("lm", "instruct")
 
@@ -33,12 +32,14 @@ def load_served_model(path: str | os.PathLike, device: str = "auto", use_fused: 
     """A GPT in eval mode on `device` with its tokenizer and task, from
     - a checkpoint file written by llm-train or llm-finetune (its "task" key: absent or
       "lm", or "instruct" for an instruction fine-tune with its LoRA weights merged), or
-    - a Hugging Face GPT-2 save_pretrained folder (config.json + weights; task "lm").
+    - a Hugging Face GPT-2 save_pretrained folder (config.json + weights, and the tokenizer
+      llm-export stored beside them if any; task "lm").
     A classification fine-tune ("classify") generates no text and is refused."""
     path = Path(path)
     target = resolve_device(device)
     if path.is_dir():
-        model, tokenizer, task = load_gpt2(path, use_fused=use_fused, dropout=0.0), gpt2_tokenizer(), "lm"
+        model, tokenizer = load_gpt2_with_tokenizer(path, use_fused=use_fused, dropout=0.0)
+        task = "lm"
     else:
         checkpoint = load_checkpoint(path)
         task = checkpoint.get("task", "lm")
