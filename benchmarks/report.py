@@ -12,7 +12,7 @@ from llm.files import atomic_output
 
 PROVIDER_ORDER = ["ours:cuda", "ours:triton", "ours:reference", "torch:eager", "torch:compile",
                   "sdpa:flash", "sdpa:cudnn", "sdpa:efficient"]
-OP_ORDER = ["attention", "layer_norm", "gelu", "bias_gelu"]
+OP_ORDER = ["attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"]
 DTYPE_ORDER = ["bfloat16", "float16", "float32"]
 PASS_ORDER = ["fwd", "bwd", "fwd+bwd"]
 ANCHORS_DIR = Path(__file__).resolve().parent / "anchors"
