@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 import llmkernels
 import numerics
-from conftest import requires_cuda_kernels
+from conftest import requires_cuda, requires_cuda_kernels
 from llmkernels import backends
 from llmkernels.add_layer_norm import add_layer_norm_reference
 from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
-from test_cuda_norm_gelu import layer_norm_low_precision, misaligned, sum_floor
+from test_cuda_norm_gelu import SANITIZER_LAYER_NORM, layer_norm_low_precision, misaligned, sum_floor
 
 ops = torch.ops.llmkernels
 EPS = 1e-5
@@ -329,11 +329,10 @@ ROWS = (1, 3, 1000)
 HIDDEN = (1, 48, 768, 1000, 4096, 65536)  # scalar, warp-per-row, block-per-row, looped
 GPU_BACKENDS = [runnable("cuda"), runnable("triton")]
 gpu = pytest.mark.gpu
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @gpu
-@requires_gpu
+@requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", HIDDEN)
@@ -343,7 +342,7 @@ def test_matches_reference_gpu(backend, rows, hidden, dtype, generator):
 
 
 @gpu
-@requires_gpu
+@requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("hidden", (7, 768, 4096, 12288))
 def test_fp32_weight_and_absent_parameters_gpu(backend, hidden, generator):
@@ -352,7 +351,7 @@ def test_fp32_weight_and_absent_parameters_gpu(backend, hidden, generator):
 
 
 @gpu
-@requires_gpu
+@requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", (768, 1000, 12288))
@@ -372,7 +371,7 @@ def test_misaligned_and_strided_inputs_gpu(backend, hidden, dtype, generator):
 
 
 @gpu
-@requires_gpu
+@requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("hidden", (768, 4096, 65536))
 def test_backward_is_bitwise_reproducible_gpu(backend, hidden, generator):
@@ -386,7 +385,7 @@ def test_backward_is_bitwise_reproducible_gpu(backend, hidden, generator):
 
 
 @gpu
-@requires_gpu
+@requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_public_function_runs_the_ops_gpu(backend, generator):
     x, residual, weight, bias, grad_sum, grad_out = add_layer_norm_inputs((257, 768), torch.bfloat16, generator, "cuda")
@@ -403,7 +402,7 @@ def test_public_function_runs_the_ops_gpu(backend, generator):
 
 
 @gpu
-@requires_gpu
+@requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_opcheck_gpu(backend, generator):
     x, residual, weight, bias, grad_sum, grad_out = add_layer_norm_inputs((5, 40), torch.float32, generator, "cuda")
@@ -434,25 +433,10 @@ def test_cuda_ops_bad_inputs_name_the_argument():
 
 
 # --------------------------------------------------------------------- sanitizer subset
-# Every CUDA kernel shape with the add: warp-per-row with 1, 3, 4 vectors per lane (200, 768,
-# 1000), block-per-row with 1, 2, 4 vectors per thread (768 fp32, 3000, 8000), looped vectorised
-# (12288 fp32), looped scalar (7, and a misaligned view).
-SANITIZER_CASES = [
-    (3, 7, torch.bfloat16, False),
-    (3, 200, torch.bfloat16, False),
-    (5, 768, torch.bfloat16, False),
-    (5, 768, torch.float32, False),
-    (4, 1000, torch.float16, False),
-    (3, 3000, torch.bfloat16, False),
-    (2, 8000, torch.bfloat16, False),
-    (2, 12288, torch.float32, False),
-    (3, 768, torch.bfloat16, True),
-]
-
-
+# The LayerNorm subset's shapes (every CUDA kernel shape), with the add.
 @requires_cuda_kernels
 @gpu
-@pytest.mark.parametrize("rows,hidden,dtype,offset", SANITIZER_CASES, ids=str)
+@pytest.mark.parametrize("rows,hidden,dtype,offset", SANITIZER_LAYER_NORM, ids=str)
 def test_sanitizer_subset_add_layer_norm(rows, hidden, dtype, offset, generator):
     x, residual, weight, bias, grad_sum, grad_out = add_layer_norm_inputs(
         (rows, hidden), dtype, generator, "cuda", param_dtype=torch.float32
