@@ -89,27 +89,30 @@ __device__ __forceinline__ int4 add_vectors(const int4& x_raw, const int4& resid
   return pack_floats<T>(a);
 }
 
-// The kVec values the looped kernels normalise, in fp32: x[0 .. kVec), or with kAddResidual
-// x + residual rounded to T (the sum output, exactly).
+// The kVec values at `offset` that the looped kernels normalise, in fp32: x's, or with
+// kAddResidual x + residual rounded to T (the sum output, exactly). residual is nullptr (and
+// never offset) without kAddResidual.
 template <int kVec, bool kAddResidual, typename T>
 __device__ __forceinline__ void load_input(const T* __restrict__ x, const T* __restrict__ residual,
-                                           float (&vals)[kVec]) {
-  load_floats<kVec>(x, vals);
+                                           int64_t offset, float (&vals)[kVec]) {
+  load_floats<kVec>(x + offset, vals);
   if constexpr (kAddResidual) {
     float r[kVec];
-    load_floats<kVec>(residual, r);
+    load_floats<kVec>(residual + offset, r);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) vals[j] = to_float(from_float<T>(vals[j] + r[j]));
   }
 }
 
-// vals[0 .. kVec) += grad_sum[0 .. kVec) with kAddGradSum (add_layer_norm's backward: the sum
-// output's gradient reaches x and residual unchanged); nothing otherwise.
+// vals[0 .. kVec) += grad_sum[offset .. offset + kVec) with kAddGradSum (add_layer_norm's
+// backward: the sum output's gradient reaches x and residual unchanged); nothing otherwise, and
+// grad_sum is then nullptr.
 template <int kVec, bool kAddGradSum, typename T>
-__device__ __forceinline__ void add_grad_sum(const T* __restrict__ grad_sum, float (&vals)[kVec]) {
+__device__ __forceinline__ void add_grad_sum(const T* __restrict__ grad_sum, int64_t offset,
+                                             float (&vals)[kVec]) {
   if constexpr (kAddGradSum) {
     float g[kVec];
-    load_floats<kVec>(grad_sum, g);
+    load_floats<kVec>(grad_sum + offset, g);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) vals[j] += g[j];
   }
@@ -252,13 +255,12 @@ __global__ void __launch_bounds__(kLoopedThreads)
   __shared__ float scratch[kWarpSize];
   const int num_vecs = cols / kVec;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* x_row = x + row * cols;
-    const T* residual_row = residual + row * cols;  // add_layer_norm only
+    const int64_t row_offset = row * cols;
     float sum[1] = {0.0f};
     for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
       float vals[kVec];
-      load_input<kVec, kAddResidual>(x_row + vec * kVec, residual_row + vec * kVec, vals);
-      if constexpr (kAddResidual) store_floats<kVec>(sum_out + row * cols + vec * kVec, vals);
+      load_input<kVec, kAddResidual>(x, residual, row_offset + vec * kVec, vals);
+      if constexpr (kAddResidual) store_floats<kVec>(sum_out + row_offset + vec * kVec, vals);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) sum[0] += vals[j];
     }
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kLoopedThreads)
     float sum_sq[1] = {0.0f};
     for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
       float vals[kVec];
-      load_input<kVec, kAddResidual>(x_row + vec * kVec, residual_row + vec * kVec, vals);
+      load_input<kVec, kAddResidual>(x, residual, row_offset + vec * kVec, vals);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float d = vals[j] - row_mean;
@@ -283,12 +285,12 @@ __global__ void __launch_bounds__(kLoopedThreads)
     for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
       const int col = vec * kVec;
       float vals[kVec], w[kVec], b[kVec];
-      load_input<kVec, kAddResidual>(x_row + col, residual_row + col, vals);
+      load_input<kVec, kAddResidual>(x, residual, row_offset + col, vals);
       load_param(weight, col, 1.0f, w);
       load_param(bias, col, 0.0f, b);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) vals[j] = (vals[j] - row_mean) * row_rstd * w[j] + b[j];
-      store_floats<kVec>(out + row * cols + col, vals);
+      store_floats<kVec>(out + row_offset + col, vals);
     }
   }
 }
@@ -368,7 +370,7 @@ __global__ void __launch_bounds__(kRowKernelThreads, 2)
           xhat[j] = (xhat[j] - row_mean) * row_rstd;
           dy[j] = (dy[j] * w[j] - mean_g - xhat[j] * mean_g_xhat) * row_rstd;
         }
-        add_grad_sum<kVec, kAddGradSum>(grad_sum + row_offset + vec * kVec, dy);
+        add_grad_sum<kVec, kAddGradSum>(grad_sum, row_offset + vec * kVec, dy);
         store_floats<kVec>(grad_x + row_offset + vec * kVec, dy);
       }
     }
@@ -457,7 +459,7 @@ __global__ void __launch_bounds__(kLoopedThreads)
         const float xhat = (xs[j] - row_mean) * row_rstd;
         xs[j] = (dy[j] * w[j] - mean_g - xhat * mean_g_xhat) * row_rstd;
       }
-      add_grad_sum<kVec, kAddGradSum>(grad_sum + row_offset + col, xs);
+      add_grad_sum<kVec, kAddGradSum>(grad_sum, row_offset + col, xs);
       store_floats<kVec>(grad_x + row_offset + col, xs);
     }
   }

@@ -44,10 +44,7 @@ class LayerNorm(nn.Module):
 
     def add_and_norm(self, branch: torch.Tensor, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream + branch, this LayerNorm of it), both (B, T, C): a residual add and the
-        LayerNorm that follows it, in one pass when fused (llmkernels.add_layer_norm)."""
-        if not self.use_fused:
-            stream = stream + branch
-            return stream, self(stream)
+        LayerNorm that follows it in one pass (llmkernels.add_layer_norm; the fused model's)."""
         # Under autocast the branch arrives in bf16 and the stream stays float32; the fused
         # op takes one dtype, the one `+` would promote to.
         dtype = torch.promote_types(branch.dtype, stream.dtype)
