@@ -556,11 +556,11 @@ RowPlan plan_rows(int cols, int vec, bool aligned) {
   return {RowKernel::kLooped, true, 0, kLoopedThreads};
 }
 
-// kAddResidual (add_layer_norm): residual and sum are read/written beside x; both nullptr otherwise.
+// kAddResidual (add_layer_norm): residual is read and sum written beside x; both nullptr otherwise.
 template <typename T, typename P, bool kAddResidual>
-void launch_layer_norm_forward(const T* x, const T* residual, const P* weight, const P* bias, T* out,
-                               T* sum, float* mean, float* rstd, int64_t rows, int cols, float eps,
-                               cudaStream_t stream) {
+void launch_layer_norm_forward(const T* x, const T* residual, const P* weight, const P* bias,
+                               T* out, T* sum, float* mean, float* rstd, int64_t rows, int cols,
+                               float eps, cudaStream_t stream) {
   const RowPlan plan = plan_rows(cols, kVecElems<T>,
                                  is_vector_aligned(x) && is_vector_aligned(residual) &&
                                      is_vector_aligned(weight) && is_vector_aligned(bias) &&
@@ -646,10 +646,11 @@ void launch_layer_norm_backward(const T* grad_out, const T* grad_sum, const T* x
     case RowKernel::kWarpPerRow: {
       const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
       const size_t smem = 2 * size_t(cols) * sizeof(float);  // block_sums
-      if (per_thread == 1) launch(layer_norm_backward_kernel<T, P, true, 1, kAdd>, blocks, smem);
-      else if (per_thread == 2) launch(layer_norm_backward_kernel<T, P, true, 2, kAdd>, blocks, smem);
-      else if (per_thread == 3) launch(layer_norm_backward_kernel<T, P, true, 3, kAdd>, blocks, smem);
-      else launch(layer_norm_backward_kernel<T, P, true, 4, kAdd>, blocks, smem);
+      const auto run = [&](auto kernel) { launch(kernel, blocks, smem); };
+      if (per_thread == 1) run(layer_norm_backward_kernel<T, P, true, 1, kAdd>);
+      else if (per_thread == 2) run(layer_norm_backward_kernel<T, P, true, 2, kAdd>);
+      else if (per_thread == 3) run(layer_norm_backward_kernel<T, P, true, 3, kAdd>);
+      else run(layer_norm_backward_kernel<T, P, true, 4, kAdd>);
       break;
     }
     case RowKernel::kBlockPerRow:

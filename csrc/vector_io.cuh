@@ -4,7 +4,8 @@
 // - load_floats / store_floats: move kCount consecutive elements between global memory and fp32
 //   registers in 16-byte vectors (one LDG.128 / STG.128 each, the widest access a thread can make
 //   on sm_80/sm_90), or element by element when kCount elements are not whole vectors (the
-//   scalar path).
+//   scalar path). load_vector / unpack_floats / pack_floats / store_vector do the same in steps,
+//   for kernels that keep rows in registers as raw 16-byte vectors (LayerNorm).
 // - warp_reduce_sum / block_reduce_sum: fixed-order sum reductions, so results are bitwise
 //   reproducible run to run.
 // - sum_partial_rows_kernel: second pass of every deterministic column reduction (LayerNorm's
