@@ -4,7 +4,8 @@ and how much work each call does (FLOPs or bytes).
 Providers of one op:
   ours:<backend>   llmkernels.<op>(..., backend=<backend>) for each backend llmkernels has
                    (kind "fused" for cuda/triton, "reference" for its plain-PyTorch path)
-  torch:eager      plain PyTorch: F.layer_norm, F.gelu(approximate="tanh"), naive attention
+  torch:eager      plain PyTorch: F.layer_norm, x + residual then F.layer_norm,
+                   F.gelu(approximate="tanh"), naive attention
   torch:compile    torch.compile of torch:eager, specialised to each shape (dynamic=False)
   sdpa:<backend>   F.scaled_dot_product_attention forced to one backend (attention only)
 
@@ -41,25 +42,29 @@ GPU_SHAPES = {
     "gelu": [(16384, 768), (16384, 1024), (16384, 3072), (8192, 4096), (4096, 16384)],
 }
 GPU_SHAPES["bias_gelu"] = GPU_SHAPES["gelu"]
+GPU_SHAPES["add_layer_norm"] = [(16384, 768), (8192, 4096)]  # GPT-2 124M and a 4096-wide model
 GPU_QUICK_SHAPES = {
     "attention": [(16, 12, 1024, 64), (4, 16, 4096, 128)],
     "layer_norm": [(16384, 768), (8192, 4096)],
+    "add_layer_norm": [(16384, 768), (8192, 4096)],
     "gelu": [(16384, 3072)],
     "bias_gelu": [(16384, 3072)],
 }
 CPU_SHAPES = {
     "attention": [(2, 4, 128, 32), (1, 4, 256, 64)],
     "layer_norm": [(512, 768), (128, 4096)],
+    "add_layer_norm": [(512, 768)],
     "gelu": [(512, 768), (128, 3072)],
     "bias_gelu": [(512, 768)],
 }
 GPU_DTYPES = {
     "attention": (torch.bfloat16, torch.float16),
     "layer_norm": (torch.bfloat16, torch.float16, torch.float32),
+    "add_layer_norm": (torch.bfloat16,),
     "gelu": (torch.bfloat16, torch.float16, torch.float32),
     "bias_gelu": (torch.bfloat16, torch.float16, torch.float32),
 }
-SUITE_OPS = {"attention": ("attention",), "layernorm": ("layer_norm",), "gelu": ("gelu", "bias_gelu")}
+SUITE_OPS = {"attention": ("attention",), "layernorm": ("layer_norm", "add_layer_norm"), "gelu": ("gelu", "bias_gelu")}
 # The headline (issue 10): what a short GPU session measures first, each against baselines
 # timed in the same run. On CPU (the rehearsal) the first CPU shape of each op stands in.
 MEMORY_HEADLINE = {"shapes": [(16384, 768), (8192, 4096)], "passes": ("fwd", "fwd+bwd"),
@@ -68,6 +73,7 @@ HEADLINE = {
     "attention": {"shapes": [(16, 12, 1024, 64), (4, 16, 4096, 128)], "passes": ("fwd", "fwd+bwd"),
                   "providers": ("ours:cuda", "ours:triton", "sdpa:flash", "sdpa:cudnn")},
     "layer_norm": MEMORY_HEADLINE,
+    "add_layer_norm": MEMORY_HEADLINE,
     "gelu": MEMORY_HEADLINE,
     "bias_gelu": MEMORY_HEADLINE,
 }
@@ -101,6 +107,11 @@ def work(op: str, shape: tuple, dtype: torch.dtype, pass_: str) -> tuple[float, 
         stats = 2 * rows * 4  # fp32 mean and rstd
         fwd = 2 * big + 2 * vec + stats  # read x, weight, bias; write y, mean, rstd
         bwd = 3 * big + vec + stats + 2 * vec  # read dy, x, weight, mean, rstd; write dx, dweight, dbias
+    elif op == "add_layer_norm":  # x, residual -> sum = x + residual, y = layer_norm(sum)
+        stats = 2 * rows * 4
+        fwd = 4 * big + 2 * vec + stats  # read x, residual, weight, bias; write sum, y, mean, rstd
+        # read dsum, dy, sum, weight, mean, rstd; write dx (= dresidual, one tensor), dweight, dbias
+        bwd = 4 * big + vec + stats + 2 * vec
     elif op == "gelu":
         fwd, bwd = 2 * big, 3 * big  # read x, write y; read dy, x, write dx
     elif op == "bias_gelu":
@@ -118,7 +129,7 @@ def rate(amount: float, unit: str, ms: float) -> float:
 @dataclass
 class InputSet:
     args: tuple  # positional arguments of the op; those that require grad get gradients
-    grad_out: torch.Tensor
+    grad_out: torch.Tensor | tuple  # one per output (add_layer_norm has two)
 
     @property
     def grad_targets(self) -> list[torch.Tensor]:
@@ -138,6 +149,10 @@ def make_input_sets(op: str, shape: tuple, dtype: torch.dtype, device: str, seed
     rows, hidden = shape
     set_bytes = 2 * rows * hidden * torch.empty((), dtype=dtype).element_size()  # x and dy
     count = max(2, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / set_bytes)))
+    if op == "add_layer_norm":  # (x, residual, weight, bias); gradients of (sum, y)
+        weight, bias = randn(hidden), randn(hidden)
+        return [InputSet((randn(rows, hidden), randn(rows, hidden), weight, bias),
+                         (randn(rows, hidden, grad=False), randn(rows, hidden, grad=False))) for _ in range(count)]
     shared = {"layer_norm": (randn(hidden), randn(hidden)), "gelu": (), "bias_gelu": (randn(hidden),)}[op]
     return [InputSet((randn(rows, hidden), *shared), randn(rows, hidden, grad=False)) for _ in range(count)]
 
@@ -156,6 +171,11 @@ def eager_layer_norm(x, weight, bias):
     return F.layer_norm(x, x.shape[-1:], weight, bias, LN_EPS)
 
 
+def eager_add_layer_norm(x, residual, weight, bias):
+    summed = x + residual
+    return summed, F.layer_norm(summed, summed.shape[-1:], weight, bias, LN_EPS)
+
+
 def eager_gelu(x):
     return F.gelu(x, approximate="tanh")
 
@@ -164,7 +184,8 @@ def eager_bias_gelu(x, bias):
     return F.gelu(x + bias, approximate="tanh")
 
 
-EAGER = {"attention": naive_attention, "layer_norm": eager_layer_norm, "gelu": eager_gelu, "bias_gelu": eager_bias_gelu}
+EAGER = {"attention": naive_attention, "layer_norm": eager_layer_norm, "add_layer_norm": eager_add_layer_norm,
+         "gelu": eager_gelu, "bias_gelu": eager_bias_gelu}
 
 
 @dataclass
@@ -183,6 +204,8 @@ def _llmkernels_call(op: str, backend: str) -> Callable:
         return lambda q, k, v: llmkernels.flash_attention(q, k, v, causal=True, backend=backend)
     if op == "layer_norm":
         return lambda x, w, b: llmkernels.layer_norm(x, w, b, LN_EPS, backend=backend)
+    if op == "add_layer_norm":
+        return lambda x, r, w, b: llmkernels.add_layer_norm(x, r, w, b, LN_EPS, backend=backend)
     if op == "gelu":
         return lambda x: llmkernels.gelu(x, backend=backend)
     return lambda x, b: llmkernels.bias_gelu(x, b, backend=backend)

@@ -15,7 +15,7 @@ PROVIDER_ORDER = ["ours:cuda", "ours:triton", "ours:reference", "torch:eager", "
 # One colour per provider in every plot, whichever providers a run has.
 PROVIDER_COLOURS = dict(zip(PROVIDER_ORDER, ["tab:red", "tab:orange", "tab:pink", "tab:blue", "tab:cyan",
                                              "tab:green", "tab:olive", "tab:purple"]))
-OP_ORDER = ["attention", "layer_norm", "gelu", "bias_gelu"]
+OP_ORDER = ["attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"]
 DTYPE_ORDER = ["bfloat16", "float16", "float32"]
 PASS_ORDER = ["fwd", "bwd", "fwd+bwd"]
 ANCHORS_DIR = Path(__file__).resolve().parent / "anchors"

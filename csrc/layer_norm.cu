@@ -29,11 +29,24 @@
 //                  the rows in flight fit there (bf16 rows up to ~16K). The backward adds a
 //                  column-tiled kernel for grad_weight/grad_bias (one more read of x and grad_out).
 //
+// add_layer_norm (residual add + LayerNorm, each GPT block's `x + branch` followed by the next
+// LayerNorm) runs the same kernels with kAddResidual / kAddGradSum set:
+//
+//   forward:   sum = x + residual (rounded to x's dtype, as PyTorch's add rounds), written out;
+//              then the LayerNorm above of sum, in the same pass: the register kernels load x and
+//              residual, add, store sum and keep it in the raw registers that hold x otherwise
+//              (one read of each input, two writes: 8 bytes per bf16 element, against 12 for an
+//              add kernel followed by LayerNorm).
+//   backward:  grad_x = grad_residual = LayerNorm's grad_x (of sum) + grad_sum, added in fp32
+//              before the single rounding; grad_sum is read where grad_x is written.
+//
 // Every kernel grid-strides over rows on a persistent grid (as many blocks as are resident), so
 // any number of rows launches and the backward's partial buffers stay small: each thread keeps
 // the same columns for all of its rows and accumulates grad_weight/grad_bias in registers, the
 // block writes one fp32 partial row, and sum_partial_rows_kernel adds the partial rows in a fixed
 // order. No atomics: the backward is bitwise reproducible.
+#include <type_traits>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -59,6 +72,49 @@ __device__ __forceinline__ void load_param(const P* __restrict__ param, int col,
     for (int j = 0; j < kVec; ++j) dst[j] = absent;
   } else {
     load_floats<kVec>(param + col, dst);
+  }
+}
+
+// x + residual for one 16-byte vector of each, rounded to T: the raw vector of the sum, which is
+// both stored (add_layer_norm's sum output) and normalised, so the output is exactly the LayerNorm
+// of the sum returned.
+template <typename T>
+__device__ __forceinline__ int4 add_vectors(const int4& x_raw, const int4& residual_raw) {
+  constexpr int kVec = kVecElems<T>;
+  float a[kVec], b[kVec];
+  unpack_floats<T>(x_raw, a);
+  unpack_floats<T>(residual_raw, b);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) a[j] += b[j];
+  return pack_floats<T>(a);
+}
+
+// The kVec values at `offset` that the looped kernels normalise, in fp32: x's, or with
+// kAddResidual x + residual rounded to T (the sum output, exactly). residual is nullptr (and
+// never offset) without kAddResidual.
+template <int kVec, bool kAddResidual, typename T>
+__device__ __forceinline__ void load_input(const T* __restrict__ x, const T* __restrict__ residual,
+                                           int64_t offset, float (&vals)[kVec]) {
+  load_floats<kVec>(x + offset, vals);
+  if constexpr (kAddResidual) {
+    float r[kVec];
+    load_floats<kVec>(residual + offset, r);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) vals[j] = to_float(from_float<T>(vals[j] + r[j]));
+  }
+}
+
+// vals[0 .. kVec) += grad_sum[offset .. offset + kVec) with kAddGradSum (add_layer_norm's
+// backward: the sum output's gradient reaches x and residual unchanged); nothing otherwise, and
+// grad_sum is then nullptr.
+template <int kVec, bool kAddGradSum, typename T>
+__device__ __forceinline__ void add_grad_sum(const T* __restrict__ grad_sum, int64_t offset,
+                                             float (&vals)[kVec]) {
+  if constexpr (kAddGradSum) {
+    float g[kVec];
+    load_floats<kVec>(grad_sum + offset, g);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) vals[j] += g[j];
   }
 }
 
@@ -103,10 +159,13 @@ struct RowTeam {
 // bf16/fp16); the team sums them for the mean, then sums the squared deviations from the same
 // registers (an exact two-pass variance with one read of x), then writes y from them. At least
 // 4 blocks per SM (<= 64 registers, no spills): 32 warps keep enough loads in flight.
-template <typename T, typename P, bool kWarpPerRow, int kVecsPerThread>
+// kAddResidual (add_layer_norm): the vectors of residual are loaded with those of x, and the
+// registers hold (and sum_out receives) x + residual instead of x.
+template <typename T, typename P, bool kWarpPerRow, int kVecsPerThread, bool kAddResidual>
 __global__ void __launch_bounds__(kRowKernelThreads, 4)
-    layer_norm_forward_kernel(const T* __restrict__ x, const P* __restrict__ weight,
-                              const P* __restrict__ bias, T* __restrict__ out,
+    layer_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                              const P* __restrict__ weight, const P* __restrict__ bias,
+                              T* __restrict__ out, T* __restrict__ sum_out,
                               float* __restrict__ mean_out, float* __restrict__ rstd_out,
                               int64_t rows, int cols, float eps) {
   constexpr int kVec = kVecElems<T>;
@@ -120,6 +179,16 @@ __global__ void __launch_bounds__(kRowKernelThreads, 4)
     for (int i = 0; i < kVecsPerThread; ++i) {
       const int vec = team.rank + i * team.size;
       if (vec < num_vecs) x_raw[i] = load_vector(x + row_offset + vec * kVec);
+    }
+    if constexpr (kAddResidual) {
+#pragma unroll
+      for (int i = 0; i < kVecsPerThread; ++i) {
+        const int vec = team.rank + i * team.size;
+        if (vec < num_vecs) {
+          x_raw[i] = add_vectors<T>(x_raw[i], load_vector(residual + row_offset + vec * kVec));
+          store_vector(sum_out + row_offset + vec * kVec, x_raw[i]);
+        }
+      }
     }
     float sum[1] = {0.0f};
 #pragma unroll
@@ -173,21 +242,25 @@ __global__ void __launch_bounds__(kRowKernelThreads, 4)
 // One block per row, three reads of the row: the sum (mean), the sum of squared deviations from
 // that mean (the exact two-pass variance, as accurate as the register kernels), and the
 // normalisation. Only the first read is certain to come from DRAM: the block re-reads its row
-// right away, while it is still in L2 unless the rows in flight exceed L2.
-template <typename T, typename P, int kVec>
+// right away, while it is still in L2 unless the rows in flight exceed L2. kAddResidual: every
+// pass reads x and residual and adds them again (the first also writes sum_out), which is cheaper
+// than reading back sum_out, a buffer this kernel writes (no read-only cache path for it).
+template <typename T, typename P, int kVec, bool kAddResidual>
 __global__ void __launch_bounds__(kLoopedThreads)
-    layer_norm_forward_looped_kernel(const T* __restrict__ x, const P* __restrict__ weight,
-                                     const P* __restrict__ bias, T* __restrict__ out,
+    layer_norm_forward_looped_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                     const P* __restrict__ weight, const P* __restrict__ bias,
+                                     T* __restrict__ out, T* __restrict__ sum_out,
                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                      int64_t rows, int cols, float eps) {
   __shared__ float scratch[kWarpSize];
   const int num_vecs = cols / kVec;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* x_row = x + row * cols;
+    const int64_t row_offset = row * cols;
     float sum[1] = {0.0f};
     for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
       float vals[kVec];
-      load_floats<kVec>(x_row + vec * kVec, vals);
+      load_input<kVec, kAddResidual>(x, residual, row_offset + vec * kVec, vals);
+      if constexpr (kAddResidual) store_floats<kVec>(sum_out + row_offset + vec * kVec, vals);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) sum[0] += vals[j];
     }
@@ -196,7 +269,7 @@ __global__ void __launch_bounds__(kLoopedThreads)
     float sum_sq[1] = {0.0f};
     for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
       float vals[kVec];
-      load_floats<kVec>(x_row + vec * kVec, vals);
+      load_input<kVec, kAddResidual>(x, residual, row_offset + vec * kVec, vals);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float d = vals[j] - row_mean;
@@ -212,12 +285,12 @@ __global__ void __launch_bounds__(kLoopedThreads)
     for (int vec = threadIdx.x; vec < num_vecs; vec += blockDim.x) {
       const int col = vec * kVec;
       float vals[kVec], w[kVec], b[kVec];
-      load_floats<kVec>(x_row + col, vals);
+      load_input<kVec, kAddResidual>(x, residual, row_offset + col, vals);
       load_param(weight, col, 1.0f, w);
       load_param(bias, col, 0.0f, b);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) vals[j] = (vals[j] - row_mean) * row_rstd * w[j] + b[j];
-      store_floats<kVec>(out + row * cols + col, vals);
+      store_floats<kVec>(out + row_offset + col, vals);
     }
   }
 }
@@ -230,12 +303,15 @@ __global__ void __launch_bounds__(kLoopedThreads)
 // partial_grad_weight/partial_grad_bias[blockIdx.x] (gridDim.x, cols): directly for a block team
 // (each column has one owner), and for warp teams after adding the 8 warps in warp order through
 // shared memory (block_sums, 2 * cols floats of dynamic shared memory). At least 2 blocks per
-// SM (<= 128 registers, no spills): 16 warps keep enough loads in flight.
-template <typename T, typename P, bool kWarpPerRow, int kVecsPerThread>
+// SM (<= 128 registers, no spills): 16 warps keep enough loads in flight. kAddGradSum
+// (add_layer_norm): grad_sum is added to grad_x, read only where grad_x is written (holding it
+// from the start would cost 4 registers per vector for no saved traffic).
+template <typename T, typename P, bool kWarpPerRow, int kVecsPerThread, bool kAddGradSum>
 __global__ void __launch_bounds__(kRowKernelThreads, 2)
-    layer_norm_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
-                               const P* __restrict__ weight, const float* __restrict__ mean,
-                               const float* __restrict__ rstd, T* __restrict__ grad_x,
+    layer_norm_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ grad_sum,
+                               const T* __restrict__ x, const P* __restrict__ weight,
+                               const float* __restrict__ mean, const float* __restrict__ rstd,
+                               T* __restrict__ grad_x,
                                float* __restrict__ partial_grad_weight,
                                float* __restrict__ partial_grad_bias, int64_t rows, int cols) {
   constexpr int kVec = kVecElems<T>;
@@ -294,6 +370,7 @@ __global__ void __launch_bounds__(kRowKernelThreads, 2)
           xhat[j] = (xhat[j] - row_mean) * row_rstd;
           dy[j] = (dy[j] * w[j] - mean_g - xhat[j] * mean_g_xhat) * row_rstd;
         }
+        add_grad_sum<kVec, kAddGradSum>(grad_sum, row_offset + vec * kVec, dy);
         store_floats<kVec>(grad_x + row_offset + vec * kVec, dy);
       }
     }
@@ -339,11 +416,12 @@ __global__ void __launch_bounds__(kRowKernelThreads, 2)
 
 // Backward grad_x for rows that do not fit in registers or are not whole aligned vectors
 // (kVec == 1). One block per row; the first read of x and grad_out sums g and g * xhat, the
-// second (mostly from L2) writes grad_x. grad_weight/grad_bias come from
-// layer_norm_backward_params_kernel.
-template <typename T, typename P, int kVec>
+// second (mostly from L2) writes grad_x, plus grad_sum with kAddGradSum. grad_weight/grad_bias
+// come from layer_norm_backward_params_kernel.
+template <typename T, typename P, int kVec, bool kAddGradSum>
 __global__ void __launch_bounds__(kLoopedThreads)
-    layer_norm_backward_looped_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
+    layer_norm_backward_looped_kernel(const T* __restrict__ grad_out,
+                                      const T* __restrict__ grad_sum, const T* __restrict__ x,
                                       const P* __restrict__ weight, const float* __restrict__ mean,
                                       const float* __restrict__ rstd, T* __restrict__ grad_x,
                                       int64_t rows, int cols) {
@@ -381,6 +459,7 @@ __global__ void __launch_bounds__(kLoopedThreads)
         const float xhat = (xs[j] - row_mean) * row_rstd;
         xs[j] = (dy[j] * w[j] - mean_g - xhat * mean_g_xhat) * row_rstd;
       }
+      add_grad_sum<kVec, kAddGradSum>(grad_sum, row_offset + col, xs);
       store_floats<kVec>(grad_x + row_offset + col, xs);
     }
   }
@@ -477,51 +556,56 @@ RowPlan plan_rows(int cols, int vec, bool aligned) {
   return {RowKernel::kLooped, true, 0, kLoopedThreads};
 }
 
-template <typename T, typename P>
-void launch_layer_norm_forward(const T* x, const P* weight, const P* bias, T* out, float* mean,
-                               float* rstd, int64_t rows, int cols, float eps,
-                               cudaStream_t stream) {
+// kAddResidual (add_layer_norm): residual is read and sum written beside x; both nullptr otherwise.
+template <typename T, typename P, bool kAddResidual>
+void launch_layer_norm_forward(const T* x, const T* residual, const P* weight, const P* bias,
+                               T* out, T* sum, float* mean, float* rstd, int64_t rows, int cols,
+                               float eps, cudaStream_t stream) {
   const RowPlan plan = plan_rows(cols, kVecElems<T>,
-                                 is_vector_aligned(x) && is_vector_aligned(weight) &&
-                                     is_vector_aligned(bias) && is_vector_aligned(out));
+                                 is_vector_aligned(x) && is_vector_aligned(residual) &&
+                                     is_vector_aligned(weight) && is_vector_aligned(bias) &&
+                                     is_vector_aligned(out) && is_vector_aligned(sum));
   const auto launch = [&](auto kernel, int64_t work_blocks) {
     const int grid = persistent_grid(kernel, work_blocks, plan.threads);
-    kernel<<<grid, plan.threads, 0, stream>>>(x, weight, bias, out, mean, rstd, rows, cols, eps);
+    kernel<<<grid, plan.threads, 0, stream>>>(x, residual, weight, bias, out, sum, mean, rstd, rows,
+                                              cols, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  constexpr bool kAdd = kAddResidual;
   const int per_thread = plan.vecs_per_thread;
   switch (plan.kernel) {
     case RowKernel::kWarpPerRow: {
       const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
-      if (per_thread == 1) launch(layer_norm_forward_kernel<T, P, true, 1>, blocks);
-      else if (per_thread == 2) launch(layer_norm_forward_kernel<T, P, true, 2>, blocks);
-      else if (per_thread == 3) launch(layer_norm_forward_kernel<T, P, true, 3>, blocks);
-      else launch(layer_norm_forward_kernel<T, P, true, 4>, blocks);
+      if (per_thread == 1) launch(layer_norm_forward_kernel<T, P, true, 1, kAdd>, blocks);
+      else if (per_thread == 2) launch(layer_norm_forward_kernel<T, P, true, 2, kAdd>, blocks);
+      else if (per_thread == 3) launch(layer_norm_forward_kernel<T, P, true, 3, kAdd>, blocks);
+      else launch(layer_norm_forward_kernel<T, P, true, 4, kAdd>, blocks);
       break;
     }
     case RowKernel::kBlockPerRow:
-      if (per_thread == 1) launch(layer_norm_forward_kernel<T, P, false, 1>, rows);
-      else if (per_thread == 2) launch(layer_norm_forward_kernel<T, P, false, 2>, rows);
-      else launch(layer_norm_forward_kernel<T, P, false, 4>, rows);
+      if (per_thread == 1) launch(layer_norm_forward_kernel<T, P, false, 1, kAdd>, rows);
+      else if (per_thread == 2) launch(layer_norm_forward_kernel<T, P, false, 2, kAdd>, rows);
+      else launch(layer_norm_forward_kernel<T, P, false, 4, kAdd>, rows);
       break;
     case RowKernel::kLooped:
-      if (plan.vectorized) launch(layer_norm_forward_looped_kernel<T, P, kVecElems<T>>, rows);
-      else launch(layer_norm_forward_looped_kernel<T, P, 1>, rows);
+      if (plan.vectorized) launch(layer_norm_forward_looped_kernel<T, P, kVecElems<T>, kAdd>, rows);
+      else launch(layer_norm_forward_looped_kernel<T, P, 1, kAdd>, rows);
       break;
   }
 }
 
 // Looped path of the backward: grad_x kernel, then the column-tiled grad_weight/grad_bias
 // kernel. Returns the (2, row groups, cols) partial sums.
-template <typename T, typename P, int kVec>
-at::Tensor launch_layer_norm_backward_looped(const T* grad_out, const T* x, const P* weight,
-                                             const float* mean, const float* rstd, T* grad_x,
-                                             int64_t rows, int cols, int threads,
+template <typename T, typename P, int kVec, bool kAddGradSum>
+at::Tensor launch_layer_norm_backward_looped(const T* grad_out, const T* grad_sum, const T* x,
+                                             const P* weight, const float* mean, const float* rstd,
+                                             T* grad_x, int64_t rows, int cols, int threads,
                                              const at::TensorOptions& float_options,
                                              cudaStream_t stream) {
-  const auto grad_x_kernel = layer_norm_backward_looped_kernel<T, P, kVec>;
+  const auto grad_x_kernel = layer_norm_backward_looped_kernel<T, P, kVec, kAddGradSum>;
   const int grid = persistent_grid(grad_x_kernel, rows, threads);
-  grad_x_kernel<<<grid, threads, 0, stream>>>(grad_out, x, weight, mean, rstd, grad_x, rows, cols);
+  grad_x_kernel<<<grid, threads, 0, stream>>>(grad_out, grad_sum, x, weight, mean, rstd, grad_x,
+                                               rows, cols);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const auto params_kernel = layer_norm_backward_params_kernel<T, kVec>;
@@ -535,49 +619,53 @@ at::Tensor launch_layer_norm_backward_looped(const T* grad_out, const T* x, cons
   return partials;
 }
 
-template <typename T, typename P>
-void launch_layer_norm_backward(const T* grad_out, const T* x, const P* weight, const float* mean,
-                                const float* rstd, T* grad_x, const at::Tensor& grad_weight,
-                                const at::Tensor& grad_bias, int64_t rows, int cols,
-                                cudaStream_t stream) {
+// kAddGradSum (add_layer_norm): grad_sum is added to grad_x; nullptr otherwise.
+template <typename T, typename P, bool kAddGradSum>
+void launch_layer_norm_backward(const T* grad_out, const T* grad_sum, const T* x, const P* weight,
+                                const float* mean, const float* rstd, T* grad_x,
+                                const at::Tensor& grad_weight, const at::Tensor& grad_bias,
+                                int64_t rows, int cols, cudaStream_t stream) {
   const RowPlan plan = plan_rows(cols, kVecElems<T>,
-                                 is_vector_aligned(grad_out) && is_vector_aligned(x) &&
-                                     is_vector_aligned(weight) && is_vector_aligned(grad_x));
+                                 is_vector_aligned(grad_out) && is_vector_aligned(grad_sum) &&
+                                     is_vector_aligned(x) && is_vector_aligned(weight) &&
+                                     is_vector_aligned(grad_x));
   at::Tensor partials;  // (2, num partial rows, cols): grad_weight's, then grad_bias's
   const auto launch = [&](auto kernel, int64_t work_blocks, size_t smem) {
     const int grid = persistent_grid(kernel, work_blocks, plan.threads, smem);
     partials = at::empty({2, grid, cols}, grad_weight.options());
     float* partial_grad_weight = partials.data_ptr<float>();
     float* partial_grad_bias = partial_grad_weight + int64_t(grid) * cols;
-    kernel<<<grid, plan.threads, smem, stream>>>(grad_out, x, weight, mean, rstd, grad_x,
+    kernel<<<grid, plan.threads, smem, stream>>>(grad_out, grad_sum, x, weight, mean, rstd, grad_x,
                                                  partial_grad_weight, partial_grad_bias, rows,
                                                  cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  constexpr bool kAdd = kAddGradSum;
   const int per_thread = plan.vecs_per_thread;
   switch (plan.kernel) {
     case RowKernel::kWarpPerRow: {
       const int64_t blocks = ceil_div(rows, kWarpsPerBlock);
       const size_t smem = 2 * size_t(cols) * sizeof(float);  // block_sums
-      if (per_thread == 1) launch(layer_norm_backward_kernel<T, P, true, 1>, blocks, smem);
-      else if (per_thread == 2) launch(layer_norm_backward_kernel<T, P, true, 2>, blocks, smem);
-      else if (per_thread == 3) launch(layer_norm_backward_kernel<T, P, true, 3>, blocks, smem);
-      else launch(layer_norm_backward_kernel<T, P, true, 4>, blocks, smem);
+      const auto run = [&](auto kernel) { launch(kernel, blocks, smem); };
+      if (per_thread == 1) run(layer_norm_backward_kernel<T, P, true, 1, kAdd>);
+      else if (per_thread == 2) run(layer_norm_backward_kernel<T, P, true, 2, kAdd>);
+      else if (per_thread == 3) run(layer_norm_backward_kernel<T, P, true, 3, kAdd>);
+      else run(layer_norm_backward_kernel<T, P, true, 4, kAdd>);
       break;
     }
     case RowKernel::kBlockPerRow:
-      if (per_thread == 1) launch(layer_norm_backward_kernel<T, P, false, 1>, rows, 0);
-      else if (per_thread == 2) launch(layer_norm_backward_kernel<T, P, false, 2>, rows, 0);
-      else launch(layer_norm_backward_kernel<T, P, false, 4>, rows, 0);
+      if (per_thread == 1) launch(layer_norm_backward_kernel<T, P, false, 1, kAdd>, rows, 0);
+      else if (per_thread == 2) launch(layer_norm_backward_kernel<T, P, false, 2, kAdd>, rows, 0);
+      else launch(layer_norm_backward_kernel<T, P, false, 4, kAdd>, rows, 0);
       break;
     case RowKernel::kLooped:
       partials = plan.vectorized
-                     ? launch_layer_norm_backward_looped<T, P, kVecElems<T>>(
-                           grad_out, x, weight, mean, rstd, grad_x, rows, cols, plan.threads,
-                           grad_weight.options(), stream)
-                     : launch_layer_norm_backward_looped<T, P, 1>(
-                           grad_out, x, weight, mean, rstd, grad_x, rows, cols, plan.threads,
-                           grad_weight.options(), stream);
+                     ? launch_layer_norm_backward_looped<T, P, kVecElems<T>, kAdd>(
+                           grad_out, grad_sum, x, weight, mean, rstd, grad_x, rows, cols,
+                           plan.threads, grad_weight.options(), stream)
+                     : launch_layer_norm_backward_looped<T, P, 1, kAdd>(
+                           grad_out, grad_sum, x, weight, mean, rstd, grad_x, rows, cols,
+                           plan.threads, grad_weight.options(), stream);
       break;
   }
   const ColumnSums<2> sums{{grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>()}};
@@ -633,48 +721,71 @@ int layer_norm_cols(const at::Tensor& x) {
 // Rows of x as the kernels see it (all leading dimensions); 0 when cols is 0, matching the fake.
 int64_t layer_norm_rows(const at::Tensor& x, int cols) { return cols == 0 ? 0 : x.numel() / cols; }
 
-}  // namespace
+// Calls fn(std::true_type{}) when `flag`, else fn(std::false_type{}): a runtime choice of the
+// kAddResidual / kAddGradSum instantiations.
+template <typename Fn>
+void dispatch_bool(bool flag, Fn&& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
-    const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
-    const std::optional<at::Tensor>& bias_in, double eps) {
+// Forward of layer_norm (residual_in undefined) and add_layer_norm. Returns (sum, out, mean,
+// rstd); sum is undefined for layer_norm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x_in, const at::Tensor& residual_in,
+    const std::optional<at::Tensor>& weight_in, const std::optional<at::Tensor>& bias_in,
+    double eps) {
   check_float_input(x_in, "x");
+  const bool add_residual = residual_in.defined();
+  if (add_residual) check_grad_out(residual_in, x_in, "residual");
   const int cols = layer_norm_cols(x_in);
   const LayerNormParams params = prepare_params(x_in, weight_in, bias_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   // The kernels index x as dense (rows, cols): a strided view is copied once here (a no-op for
   // the usual contiguous activation).
   const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = add_residual ? residual_in.contiguous() : at::Tensor();
   const int64_t rows = layer_norm_rows(x, cols);
   at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor sum = add_residual ? at::empty(x.sizes(), x.options()) : at::Tensor();
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-  if (rows == 0) return {out, mean, rstd};
+  if (rows == 0) return {sum, out, mean, rstd};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const auto launch = [&](auto param_tag) {
+    const auto launch = [&](auto param_tag, auto add_tag) {
       using P = decltype(param_tag);
-      launch_layer_norm_forward<T, P>(typed_ptr<T>(x), typed_ptr<P>(params.weight),
-                                      typed_ptr<P>(params.bias), typed_mutable_ptr<T>(out),
-                                      mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, cols,
-                                      float(eps), stream);
+      launch_layer_norm_forward<T, P, decltype(add_tag)::value>(
+          typed_ptr<T>(x), typed_ptr<T>(residual), typed_ptr<P>(params.weight),
+          typed_ptr<P>(params.bias), typed_mutable_ptr<T>(out),
+          add_residual ? typed_mutable_ptr<T>(sum) : nullptr, mean.data_ptr<float>(),
+          rstd.data_ptr<float>(), rows, cols, float(eps), stream);
     };
-    if (params.fp32) {
-      launch(float{});
-    } else {
-      launch(T{});
-    }
+    dispatch_bool(add_residual, [&](auto add_tag) {
+      if (params.fp32) {
+        launch(float{}, add_tag);
+      } else {
+        launch(T{}, add_tag);
+      }
+    });
   });
-  return {out, mean, rstd};
+  return {sum, out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& x_in,
+// Backward of layer_norm (grad_sum_in undefined) and add_layer_norm. Returns (grad_x,
+// grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out_in, const at::Tensor& grad_sum_in, const at::Tensor& x_in,
     const std::optional<at::Tensor>& weight_in, const at::Tensor& mean_in,
     const at::Tensor& rstd_in) {
   check_float_input(x_in, "x");
   check_grad_out(grad_out_in, x_in);
+  const bool add_grad_sum = grad_sum_in.defined();
+  if (add_grad_sum) check_grad_out(grad_sum_in, x_in, "grad_sum");
   const int cols = layer_norm_cols(x_in);
   const int64_t rows = layer_norm_rows(x_in, cols);
   for (const auto& [stat, arg] : {std::pair{&mean_in, "mean"}, std::pair{&rstd_in, "rstd"}}) {
@@ -691,6 +802,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   // Dense (rows, cols) indexing: strided views are copied once (no-op when contiguous).
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor grad_sum = add_grad_sum ? grad_sum_in.contiguous() : at::Tensor();
   const at::Tensor mean = mean_in.contiguous();
   const at::Tensor rstd = rstd_in.contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
@@ -700,20 +812,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_type(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
-    const auto launch = [&](auto param_tag) {
+    const auto launch = [&](auto param_tag, auto add_tag) {
       using P = decltype(param_tag);
-      launch_layer_norm_backward<T, P>(typed_ptr<T>(grad_out), typed_ptr<T>(x),
-                                       typed_ptr<P>(params.weight), mean.data_ptr<float>(),
-                                       rstd.data_ptr<float>(), typed_mutable_ptr<T>(grad_x),
-                                       grad_weight, grad_bias, rows, cols, stream);
+      launch_layer_norm_backward<T, P, decltype(add_tag)::value>(
+          typed_ptr<T>(grad_out), typed_ptr<T>(grad_sum), typed_ptr<T>(x),
+          typed_ptr<P>(params.weight), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+          typed_mutable_ptr<T>(grad_x), grad_weight, grad_bias, rows, cols, stream);
     };
-    if (params.fp32) {
-      launch(float{});
-    } else {
-      launch(T{});
-    }
+    dispatch_bool(add_grad_sum, [&](auto add_tag) {
+      if (params.fp32) {
+        launch(float{}, add_tag);
+      } else {
+        launch(T{}, add_tag);
+      }
+    });
   });
   return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  const auto sum_out_mean_rstd = forward(x, at::Tensor(), weight, bias, eps);
+  return {std::get<1>(sum_out_mean_rstd), std::get<2>(sum_out_mean_rstd),
+          std::get<3>(sum_out_mean_rstd)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd) {
+  return backward(grad_out, at::Tensor(), x, weight, mean, rstd);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_forward_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps) {
+  return forward(x, residual, weight, bias, eps);
+}
+
+// The add_layer_norm backward: `sum` plays x's part, grad_sum is added to grad_x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backward_cuda(
+    const at::Tensor& grad_sum, const at::Tensor& grad_out, const at::Tensor& sum,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+  return backward(grad_out, grad_sum, sum, weight, mean, rstd);
 }
 
 }  // namespace llmkernels
@@ -721,4 +864,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
 TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) {
   m.impl("layer_norm_forward", &llmkernels::layer_norm_forward_cuda);
   m.impl("layer_norm_backward", &llmkernels::layer_norm_backward_cuda);
+  m.impl("add_layer_norm_forward", &llmkernels::add_layer_norm_forward_cuda);
+  m.impl("add_layer_norm_backward", &llmkernels::add_layer_norm_backward_cuda);
 }

@@ -1,9 +1,10 @@
 // The one place where the llmkernels operator schemas are declared.
 //
-// Each kernel file (gelu.cu, layer_norm.cu, flash_attention.cu) registers its CUDA
-// implementation with its own TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) block; fake
+// Each kernel file (gelu.cu, layer_norm.cu with add_layer_norm, flash_attention.cu) registers
+// its CUDA implementation with its own TORCH_LIBRARY_IMPL(llmkernels, CUDA, m) block; fake
 // (meta) implementations and autograd formulas are registered from Python
-// (llmkernels/gelu.py, layer_norm.py, attention.py), as pytorch/extension-cpp does.
+// (llmkernels/gelu.py, layer_norm.py, add_layer_norm.py, attention.py), as
+// pytorch/extension-cpp does.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,6 +30,13 @@ TORCH_LIBRARY(llmkernels, m) {
   m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias); the last two are float32 sums over rows.
   m.def("layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+
+  // Residual add + LayerNorm in one pass: returns (sum, out, mean, rstd) with sum = x + residual
+  // (x's dtype) and out = layer_norm(sum); mean and rstd as in layer_norm_forward.
+  m.def("add_layer_norm_forward(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias): grad_x, the gradient of both x and residual, is
+  // layer_norm_backward's grad_x (with sum for x) plus grad_sum.
+  m.def("add_layer_norm_backward(Tensor grad_sum, Tensor grad_out, Tensor sum, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
 
   // Flash attention on (batch, heads, seq, head_dim). Returns (out, lse) where lse is
   // the float32 natural-log log-sum-exp of each query row's scaled scores.

@@ -4,7 +4,8 @@
 // - load_floats / store_floats: move kCount consecutive elements between global memory and fp32
 //   registers in 16-byte vectors (one LDG.128 / STG.128 each, the widest access a thread can make
 //   on sm_80/sm_90), or element by element when kCount elements are not whole vectors (the
-//   scalar path).
+//   scalar path). load_vector / unpack_floats / pack_floats / store_vector do the same in steps,
+//   for kernels that keep rows in registers as raw 16-byte vectors (LayerNorm).
 // - warp_reduce_sum / block_reduce_sum: fixed-order sum reductions, so results are bitwise
 //   reproducible run to run.
 // - sum_partial_rows_kernel: second pass of every deterministic column reduction (LayerNorm's
@@ -66,14 +67,16 @@ inline void check_float_input(const at::Tensor& t, const char* arg) {
               arg, " must be float32, float16 or bfloat16, got ", t.scalar_type());
 }
 
-// grad_out of a backward op: same device, shape and dtype as x.
-inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_cuda_tensor(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.device() == x.device(), "grad_out must be on x's device ", x.device(),
-              ", got ", grad_out.device());
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out must have x's shape ", x.sizes(), ", got ",
+// A gradient (arg: grad_out, or add_layer_norm's grad_sum), or another input that pairs element by
+// element with x (add_layer_norm's residual): same device, shape and dtype as x.
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x,
+                           const char* arg = "grad_out") {
+  check_cuda_tensor(grad_out, arg);
+  TORCH_CHECK(grad_out.device() == x.device(), arg, " must be on x's device ", x.device(), ", got ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), arg, " must have x's shape ", x.sizes(), ", got ",
               grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ",
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), arg, " must have x's dtype ",
               x.scalar_type(), ", got ", grad_out.scalar_type());
 }
 
@@ -153,6 +156,23 @@ __device__ __forceinline__ void unpack_floats(const int4& raw, float (&dst)[kVec
   for (int i = 0; i < kVecElems<T>; ++i) dst[i] = to_float(elems[i]);
 }
 
+// The inverse of unpack_floats: kVecElems<T> fp32 values as one raw 16-byte vector of T (round to
+// nearest even).
+template <typename T>
+__device__ __forceinline__ int4 pack_floats(const float (&src)[kVecElems<T>]) {
+  int4 raw;
+  T* elems = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kVecElems<T>; ++i) elems[i] = from_float<T>(src[i]);
+  return raw;
+}
+
+// One raw 16-byte vector to dst (16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_vector(T* __restrict__ dst, const int4& raw) {
+  *reinterpret_cast<int4*>(dst) = raw;
+}
+
 // Reads src[0 .. kCount) into fp32 registers. When the kCount elements are whole 16-byte vectors,
 // src must be 16-byte aligned and they are read with 128-bit loads through the read-only cache
 // (src must not be written by the running kernel); otherwise element by element.
@@ -180,14 +200,13 @@ template <int kCount, typename T>
 __device__ __forceinline__ void store_floats(T* __restrict__ dst, const float (&src)[kCount]) {
   constexpr int kBytes = kCount * int(sizeof(T));
   if constexpr (kBytes % kVectorBytes == 0) {
-    constexpr int kPerVector = kVectorBytes / sizeof(T);
+    constexpr int kPerVector = kVecElems<T>;
 #pragma unroll
     for (int v = 0; v < kBytes / kVectorBytes; ++v) {
-      int4 raw;
-      T* elems = reinterpret_cast<T*>(&raw);
+      float vals[kPerVector];
 #pragma unroll
-      for (int i = 0; i < kPerVector; ++i) elems[i] = from_float<T>(src[v * kPerVector + i]);
-      reinterpret_cast<int4*>(dst)[v] = raw;
+      for (int i = 0; i < kPerVector; ++i) vals[i] = src[v * kPerVector + i];
+      store_vector(dst + v * kPerVector, pack_floats<T>(vals));
     }
   } else {
 #pragma unroll

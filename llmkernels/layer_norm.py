@@ -34,17 +34,40 @@ def layer_norm_reference(
 
 
 # ------------------------------------------------------- fused ops: fake + autograd
+def fake_row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape-only (mean, rstd) of the fused forward ops: float32, one per row of x (...)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return stats, stats.new_empty(stats.shape)
+
+
+def fake_param_grads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape-only (grad_weight, grad_bias) of the fused backward ops: float32, (N,)."""
+    per_column = x.new_empty((x.shape[-1],), dtype=torch.float32)
+    return per_column, per_column.new_empty(per_column.shape)
+
+
+def save_param_dtypes(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def param_grads(ctx, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> tuple:
+    """The kernels always reduce both sums (fp32); hand back the ones that have inputs, in
+    their dtypes (see save_param_dtypes)."""
+    grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
+    grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
+    return grad_weight, grad_bias
+
+
 def _register_fake_cuda_ops() -> None:
     @torch.library.register_fake("llmkernels::layer_norm_forward")
     def _(x, weight, bias, eps):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        stats = x.new_empty((rows,), dtype=torch.float32)
-        return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+        return (x.new_empty(x.shape), *fake_row_stats(x))
 
     @torch.library.register_fake("llmkernels::layer_norm_backward")
     def _(grad_out, x, weight, mean, rstd):
-        per_column = x.new_empty((x.shape[-1],), dtype=torch.float32)
-        return x.new_empty(x.shape), per_column, per_column.new_empty(per_column.shape)
+        return (x.new_empty(x.shape), *fake_param_grads(x))
 
 
 def _register_autograd(backend: str) -> None:
@@ -55,16 +78,12 @@ def _register_autograd(backend: str) -> None:
         x, weight, bias, eps = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.weight_dtype = None if weight is None else weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        save_param_dtypes(ctx, weight, bias)
 
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = layer_norm_backward(grad_out, x, weight, mean, rstd)
-        # The kernels always reduce both sums (fp32); hand back the ones that have inputs.
-        grad_weight = None if ctx.weight_dtype is None else grad_weight.to(ctx.weight_dtype)
-        grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, *param_grads(ctx, grad_weight, grad_bias), None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
 
@@ -76,7 +95,7 @@ for _backend in backends.registered_fused_backends():
 
 
 # ------------------------------------------------------------------------- dispatch
-def _layer_norm_unsupported(
+def layer_norm_unsupported(
     backend: str, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
 ) -> Optional[str]:
     if backend == "reference":
@@ -86,10 +105,11 @@ def _layer_norm_unsupported(
     return triton_layer_norm.supports_layer_norm(x, weight, bias)
 
 
-def _check_layer_norm_arguments(
+def check_layer_norm_args(
     x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 1e-5
 ) -> tuple:
-    """layer_norm's input checks; returns (x, weight, bias), what the support check takes."""
+    """The public LayerNorm ops' input checks (errors name the argument); returns (x, weight,
+    bias), what the support check takes."""
     check_tensor("x", x, min_ndim=1)
     hidden = x.shape[-1]
     for name, param in (("weight", weight), ("bias", bias)):
@@ -102,7 +122,7 @@ def _check_layer_norm_arguments(
     return x, weight, bias
 
 
-backends.register_op("layer_norm", _check_layer_norm_arguments, _layer_norm_unsupported)
+backends.register_op("layer_norm", check_layer_norm_args, layer_norm_unsupported)
 
 
 def layer_norm(
@@ -114,7 +134,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm of x over its last dimension; weight and bias (optional) have shape (N,) and
     x's dtype or float32 (float32 parameters on low-precision activations)."""
-    x, weight, bias = _check_layer_norm_arguments(x, weight, bias, eps)
+    x, weight, bias = check_layer_norm_args(x, weight, bias, eps)
     chosen = backends.select_backend("layer_norm", backend, x, weight, bias)
     if chosen == "reference":
         return layer_norm_reference(x, weight, bias, eps)

@@ -47,6 +47,8 @@ OP_SCHEMAS = {
     "bias_gelu_backward": "llmkernels::bias_gelu_backward(Tensor grad_out, Tensor x, Tensor bias) -> (Tensor, Tensor)",
     "layer_norm_forward": "llmkernels::layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
     "layer_norm_backward": "llmkernels::layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    "add_layer_norm_forward": "llmkernels::add_layer_norm_forward(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "add_layer_norm_backward": "llmkernels::add_layer_norm_backward(Tensor grad_sum, Tensor grad_out, Tensor sum, Tensor? weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
     "flash_attention_forward": "llmkernels::flash_attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
     "flash_attention_backward": "llmkernels::flash_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale) -> (Tensor, Tensor, Tensor)",
 }

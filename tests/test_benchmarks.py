@@ -29,7 +29,7 @@ def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path):
     assert run["mode"] == "cpu" and run["quick"]
     assert run["env"]["torch"] == __import__("torch").__version__
     assert {"copy", "matmul"} == set(run["ceilings"]) and all(c["value"] > 0 for c in run["ceilings"].values())
-    assert {r["op"] for r in run["records"]} == {"attention", "layer_norm", "gelu", "bias_gelu"}
+    assert {r["op"] for r in run["records"]} == {"attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"}
     for r in run["records"]:  # each measurement is timed, failed or skipped, and says which
         assert [r["ms"] is not None, bool(r["error"]), bool(r["skipped"])].count(True) == 1, r
         if r["ms"] is not None:

@@ -1,7 +1,8 @@
 """The hand-written CUDA LayerNorm and GELU kernels (csrc/layer_norm.cu, csrc/gelu.cu).
 
-CPU lane (whenever llmkernels._C imports): the six ops carry the contract's schemas, have
-CUDA kernels registered, and a CPU tensor is refused by the dispatcher with a clear error.
+CPU lane (whenever llmkernels._C imports): the ops (add_layer_norm's too) carry the contract's
+schemas, have CUDA kernels registered, and a CPU tensor is refused by the dispatcher with a clear
+error.
 GPU lane: forward and backward against the float64 reference under the numerics rule
 (tests/numerics.py) over rows 1, 3, 1000 and hidden 1, 7, 768, 1000, 4096, 65536 (every
 kernel shape: warp-per-row, block-per-row, looped, scalar) in bf16/fp16/fp32; fp32 weights

@@ -34,6 +34,8 @@ OPS = [
     OpCase("flash_attention", lambda: dict(q=randn(1, 2, 5, 8), k=randn(1, 2, 5, 8), v=randn(1, 2, 5, 8),
                                            causal=True, scale=0.3)),  # fmt: skip
     OpCase("layer_norm", lambda: dict(x=randn(3, 8), weight=randn(8), bias=randn(8), eps=1e-5)),
+    OpCase("add_layer_norm", lambda: dict(x=randn(3, 8), residual=randn(3, 8), weight=randn(8), bias=randn(8),
+                                          eps=1e-5)),  # fmt: skip
     OpCase("gelu", lambda: dict(x=randn(3, 8), approximate="tanh")),
     OpCase("bias_gelu", lambda: dict(x=randn(3, 8), bias=randn(8))),
 ]

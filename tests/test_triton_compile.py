@@ -29,7 +29,7 @@ from llmkernels.triton import attention, gelu, layer_norm
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # Runtime arguments Triton would see as multiples of 16 for the usual shapes.
-ALIGNED = {"x_row_stride", "grad_out_row_stride", "num_cols", "num_elements"}
+ALIGNED = {"x_row_stride", "grad_out_row_stride", "residual_row_stride", "grad_sum_row_stride", "num_cols", "num_elements"}
 
 
 def compile_kernel(kernel, types, constants, num_warps, num_stages):
@@ -69,16 +69,19 @@ results["attention delta"] = compile_kernel(
 ln_types = {"ptr": "bf16", "weight_ptr": "*fp32", "bias_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
             "row_dots_ptr": "*fp32", "partial_grad_weight_ptr": "*fp32", "partial_grad_bias_ptr": "*fp32",
             "eps": "fp32"}
-for hidden in (768, 65536):
-    block_m, block_n, warps = layer_norm._row_config(hidden, layer_norm.FORWARD_TILE)
-    results[f"layer_norm forward N={hidden}"] = compile_kernel(
-        layer_norm._layer_norm_forward_kernel, ln_types,
-        {"HAS_WEIGHT": True, "HAS_BIAS": True, "ROW_FITS": hidden <= block_n, "BLOCK_M": block_m, "BLOCK_N": block_n},
-        warps, 3)
-    block_m, block_n, warps = layer_norm._row_config(hidden, layer_norm.BACKWARD_TILE)
-    results[f"layer_norm backward N={hidden}"] = compile_kernel(
-        layer_norm._layer_norm_backward_kernel, ln_types,
-        {"HAS_WEIGHT": True, "ROW_FITS": hidden <= block_n, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 3)
+# The same kernels serve layer_norm and, with the residual add (HAS_RESIDUAL / HAS_GRAD_SUM), add_layer_norm.
+for op, add in (("layer_norm", False), ("add_layer_norm", True)):
+    for hidden in (768, 4096, 65536) if add else (768, 65536):
+        block_m, block_n, warps = layer_norm._row_config(hidden, layer_norm.FORWARD_TILE)
+        results[f"{op} forward N={hidden}"] = compile_kernel(
+            layer_norm._layer_norm_forward_kernel, ln_types,
+            {"HAS_RESIDUAL": add, "HAS_WEIGHT": True, "HAS_BIAS": True, "ROW_FITS": hidden <= block_n,
+             "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 3)
+        block_m, block_n, warps = layer_norm._row_config(hidden, layer_norm.BACKWARD_TILE)
+        results[f"{op} backward N={hidden}"] = compile_kernel(
+            layer_norm._layer_norm_backward_kernel, ln_types,
+            {"HAS_GRAD_SUM": add, "HAS_WEIGHT": True, "ROW_FITS": hidden <= block_n, "BLOCK_M": block_m,
+             "BLOCK_N": block_n}, warps, 3)
 results["layer_norm row dots"] = compile_kernel(
     layer_norm._layer_norm_row_dots_kernel, ln_types, {"HAS_WEIGHT": True, "BLOCK_N": layer_norm.MAX_ROW_BLOCK}, 16, 3)
 results["sum partials"] = compile_kernel(

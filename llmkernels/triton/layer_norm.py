@@ -16,6 +16,10 @@ program; sum_partials adds those rows in a fixed order, so the weight and bias g
 are bitwise identical on every run (no atomics). Launch configurations follow from the
 shape by fixed rules rather than autotuning, which could pick a different reduction
 layout (and so different rounding) in another process.
+
+add_layer_norm (llmkernels/add_layer_norm.py) runs the same kernels with HAS_RESIDUAL /
+HAS_GRAD_SUM: the forward loads residual beside x, normalises sum = x + residual (rounded
+to x's dtype) and stores sum too; the backward adds grad_sum to grad_x before its store.
 """
 from typing import Optional
 
@@ -54,6 +58,19 @@ def supports_layer_norm(
     return reason
 
 
+def supports_add_layer_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+) -> Optional[str]:
+    """None if the Triton add_layer_norm kernels can take these inputs, else the reason."""
+    reason = supports_layer_norm(x, weight, bias)
+    if reason is None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
+        reason = (
+            f"residual must have x's shape, dtype and device {tuple(x.shape)} {x.dtype} {x.device}, "
+            f"got {tuple(residual.shape)} {residual.dtype} {residual.device}"
+        )
+    return reason
+
+
 def _row_config(num_cols: int, tile_elements: int) -> tuple[int, int, int]:
     """(BLOCK_M rows per tile, BLOCK_N columns per tile, num_warps) for rows of num_cols.
 
@@ -79,17 +96,32 @@ def _scale_and_shift(y, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT: tl.con
 
 
 @triton.jit
+def _load_input(x_ptrs, residual_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """The values LayerNorm normalises, as float32: x, or with HAS_RESIDUAL x + residual
+    rounded to x's dtype (add_layer_norm's sum output, exactly as stored)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptrs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _layer_norm_forward_kernel(
     x_ptr,
+    residual_ptr,
     weight_ptr,
     bias_ptr,
     y_ptr,
+    sum_ptr,
     mean_ptr,
     rstd_ptr,
     num_rows,
     num_cols,
     x_row_stride,
+    residual_row_stride,
     eps,
+    HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROW_FITS: tl.constexpr,
@@ -101,16 +133,23 @@ def _layer_norm_forward_kernel(
     Rows that fit one block (ROW_FITS: N <= BLOCK_N) are loaded once and kept in registers:
     the mean, then the variance as the mean of (x - mean)^2 (no cancellation), then y.
     Longer rows are read twice: a pass over column blocks that merges per-block (mean, sum
-    of squared deviations) pairs (Chan et al.'s parallel variance), then a pass writing y."""
+    of squared deviations) pairs (Chan et al.'s parallel variance), then a pass writing y.
+    HAS_RESIDUAL (add_layer_norm): the rows normalised are x + residual, stored to sum
+    (contiguous) by the first read; a long row's second pass adds x and residual again
+    rather than reading back sum, which this program is writing."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < num_rows
     x_rows = x_ptr + rows[:, None] * x_row_stride  # (BLOCK_M, 1) row starts
+    residual_rows = residual_ptr + rows[:, None] * residual_row_stride
     y_rows = y_ptr + rows[:, None] * num_cols
+    sum_rows = sum_ptr + rows[:, None] * num_cols
     offsets = tl.arange(0, BLOCK_N)
     if ROW_FITS:
         col_mask = offsets < num_cols
         mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_rows + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_input(x_rows + offsets[None, :], residual_rows + offsets[None, :], mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(sum_rows + offsets[None, :], x.to(sum_ptr.dtype.element_ty), mask=mask)
         mean = tl.sum(x, axis=1) / num_cols
         centered = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / num_cols + eps)
@@ -122,7 +161,9 @@ def _layer_norm_forward_kernel(
         for start in range(0, num_cols, BLOCK_N):
             cols = start + offsets
             mask = row_mask[:, None] & (cols[None, :] < num_cols)
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_input(x_rows + cols[None, :], residual_rows + cols[None, :], mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(sum_rows + cols[None, :], x.to(sum_ptr.dtype.element_ty), mask=mask)
             count = start * 1.0  # elements merged so far: every earlier block was full
             block_count = tl.minimum(num_cols - start, BLOCK_N) * 1.0
             block_mean = tl.sum(x, axis=1) / block_count
@@ -137,7 +178,7 @@ def _layer_norm_forward_kernel(
             cols = start + offsets
             col_mask = cols < num_cols
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_input(x_rows + cols[None, :], residual_rows + cols[None, :], mask, HAS_RESIDUAL)
             y = (x - mean[:, None]) * rstd[:, None]
             y = _scale_and_shift(y, weight_ptr, bias_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS)
             tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -184,6 +225,7 @@ def _layer_norm_row_dots_kernel(
 @triton.jit
 def _layer_norm_backward_kernel(
     grad_out_ptr,
+    grad_sum_ptr,
     x_ptr,
     weight_ptr,
     mean_ptr,
@@ -195,8 +237,10 @@ def _layer_norm_backward_kernel(
     num_rows,
     num_cols,
     grad_out_row_stride,
+    grad_sum_row_stride,
     x_row_stride,
     rows_per_program,
+    HAS_GRAD_SUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     ROW_FITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -209,7 +253,8 @@ def _layer_norm_backward_kernel(
     registers, and stores their column sums as row g of the partial buffers. When a row
     fits one block (ROW_FITS, one column block) the row dot products are computed right here from
     the loaded tile, so grad_out and x are read exactly once; longer rows take them from
-    row_dots (_layer_norm_row_dots_kernel)."""
+    row_dots (_layer_norm_row_dots_kernel). HAS_GRAD_SUM (add_layer_norm, x is the sum):
+    grad_sum is added to grad_x before the one rounding to its dtype."""
     row_start = tl.program_id(0) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, num_rows)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,6 +284,9 @@ def _layer_norm_backward_kernel(
             g_xhat_mean = tl.load(row_dots_ptr + 2 * rows, mask=row_mask, other=0.0)
             g_mean = tl.load(row_dots_ptr + 2 * rows + 1, mask=row_mask, other=0.0)
         grad_x = (g - xhat * g_xhat_mean[:, None] - g_mean[:, None]) * rstd[:, None]
+        if HAS_GRAD_SUM:
+            grad_sum_ptrs = grad_sum_ptr + rows[:, None] * grad_sum_row_stride + cols[None, :]
+            grad_x += tl.load(grad_sum_ptrs, mask=mask, other=0.0).to(tl.float32)
         grad_x_ptrs = grad_x_ptr + rows[:, None] * num_cols + cols[None, :]
         tl.store(grad_x_ptrs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
         grad_weight += dy * xhat
@@ -249,42 +297,54 @@ def _layer_norm_backward_kernel(
 
 
 # ------------------------------------------------------------------------- ops
-@define_op("llmkernels::triton_layer_norm_forward")
-def layer_norm_forward(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise_if_unsupported(supports_layer_norm(x, weight, bias), "triton_layer_norm_forward")
+def _forward(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum or None, y, mean, rstd): LayerNorm of x, or of x + residual when residual is given."""
     x2d = rows_of(x)  # (rows, N)
+    residual2d = None if residual is None else rows_of(residual)  # (rows, N)
     num_rows, num_cols = x2d.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     if num_rows == 0:
-        return y, mean, rstd
+        return summed, y, mean, rstd
     block_m, block_n, num_warps = _row_config(num_cols, FORWARD_TILE)
     launch(_layer_norm_forward_kernel, (triton.cdiv(num_rows, block_m),),
-        x2d, x2d if weight is None else weight, x2d if bias is None else bias, y, mean, rstd,
-        num_rows, num_cols, x2d.stride(0), eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ROW_FITS=num_cols <= block_n,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        x2d, x2d if residual2d is None else residual2d, x2d if weight is None else weight, x2d if bias is None else bias,
+        y, y if summed is None else summed, mean, rstd,
+        num_rows, num_cols, x2d.stride(0), 0 if residual2d is None else residual2d.stride(0), eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ROW_FITS=num_cols <= block_n, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
-    return y, mean, rstd
+    return summed, y, mean, rstd
 
 
-@define_op("llmkernels::triton_layer_norm_backward")
-def layer_norm_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
+def _backward(
+    grad_out: torch.Tensor,
+    grad_sum: Optional[torch.Tensor],
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    op: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) of LayerNorm of x, plus grad_sum in grad_x when given."""
     reason = supports_layer_norm(x, weight, None) or grad_out_reason(grad_out, x)
-    raise_if_unsupported(reason, "triton_layer_norm_backward")
+    if reason is None and grad_sum is not None and grad_sum.shape != x.shape:
+        reason = f"grad_sum must have the shape of sum {tuple(x.shape)}, got {tuple(grad_sum.shape)}"
+    raise_if_unsupported(reason, op)
     x2d, grad_out2d = rows_of(x), rows_of(grad_out)  # (rows, N) each
+    grad_sum2d = None if grad_sum is None else rows_of(grad_sum)  # (rows, N)
     num_rows, num_cols = x2d.shape
     for name, stat in (("mean", mean), ("rstd", rstd)):
         if stat.shape != (num_rows,) or stat.dtype != torch.float32:
-            raise ValueError(
-                f"triton_layer_norm_backward: {name} must be float32 of shape ({num_rows},), "
-                f"got {stat.dtype} {tuple(stat.shape)}"
-            )
+            raise ValueError(f"{op}: {name} must be float32 of shape ({num_rows},), got {stat.dtype} {tuple(stat.shape)}")
     mean, rstd = mean.contiguous(), rstd.contiguous()
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if num_rows == 0:
@@ -306,9 +366,47 @@ def layer_norm_backward(
     partial_grad_weight = torch.empty((row_groups, num_cols), dtype=torch.float32, device=x.device)
     partial_grad_bias = torch.empty((row_groups, num_cols), dtype=torch.float32, device=x.device)
     launch(_layer_norm_backward_kernel, (row_groups, col_blocks),
-        grad_out2d, x2d, weight_arg, mean, rstd, row_dots, grad_x, partial_grad_weight, partial_grad_bias,
-        num_rows, num_cols, grad_out2d.stride(0), x2d.stride(0), rows_per_program,
-        HAS_WEIGHT=weight is not None, ROW_FITS=col_blocks == 1,
+        grad_out2d, grad_out2d if grad_sum2d is None else grad_sum2d, x2d, weight_arg, mean, rstd, row_dots,
+        grad_x, partial_grad_weight, partial_grad_bias,
+        num_rows, num_cols, grad_out2d.stride(0), 0 if grad_sum2d is None else grad_sum2d.stride(0), x2d.stride(0),
+        rows_per_program,
+        HAS_GRAD_SUM=grad_sum is not None, HAS_WEIGHT=weight is not None, ROW_FITS=col_blocks == 1,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return grad_x, sum_partials(partial_grad_weight), sum_partials(partial_grad_bias)
+
+
+@define_op("llmkernels::triton_layer_norm_forward")
+def layer_norm_forward(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise_if_unsupported(supports_layer_norm(x, weight, bias), "triton_layer_norm_forward")
+    _, y, mean, rstd = _forward(x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+@define_op("llmkernels::triton_layer_norm_backward")
+def layer_norm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, None, x, weight, mean, rstd, "triton_layer_norm_backward")
+
+
+@define_op("llmkernels::triton_add_layer_norm_forward")
+def add_layer_norm_forward(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise_if_unsupported(supports_add_layer_norm(x, residual, weight, bias), "triton_add_layer_norm_forward")
+    return _forward(x, residual, weight, bias, eps)
+
+
+@define_op("llmkernels::triton_add_layer_norm_backward")
+def add_layer_norm_backward(
+    grad_sum: torch.Tensor,
+    grad_out: torch.Tensor,
+    sum: torch.Tensor,  # noqa: A002  (the schema's name, shared with the CUDA op)
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, grad_sum, sum, weight, mean, rstd, "triton_add_layer_norm_backward")

@@ -3,9 +3,10 @@
 Shapes: B = batch, T = tokens in this call, S = tokens attended to (cache + T),
 C = n_embd, H = n_head, D = head_dim = C // H, V = vocab size (Vp when padded).
 
-With `config.use_fused` the three hot ops go through llmkernels (fused CUDA/Triton
-kernels where they run, llmkernels' own reference elsewhere); otherwise the model
-uses the plain PyTorch ops written here, its readable reference.
+With `config.use_fused` the hot ops go through llmkernels (fused CUDA/Triton kernels
+where they run, llmkernels' own reference elsewhere): attention, bias + GELU, and each
+residual add together with the LayerNorm after it (see GPT._blocks_and_final_norm);
+otherwise the model uses the plain PyTorch ops written here, its readable reference.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class LayerNorm(nn.Module):
         if self.use_fused:
             return _llmkernels().layer_norm(x, self.weight, self.bias, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+    def add_and_norm(self, branch: torch.Tensor, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream + branch, this LayerNorm of it), both (B, T, C): a residual add and the
+        LayerNorm that follows it in one pass (llmkernels.add_layer_norm; the fused model's)."""
+        # Under autocast the branch arrives in bf16 and the stream stays float32; the fused
+        # op takes one dtype, the one `+` would promote to.
+        dtype = torch.promote_types(branch.dtype, stream.dtype)
+        return _llmkernels().add_layer_norm(branch.to(dtype), stream.to(dtype), self.weight, self.bias, self.eps)
 
 
 class KVCache:
@@ -166,6 +175,16 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
+    def forward_fused(
+        self, x: torch.Tensor, x_normed: torch.Tensor, next_norm: LayerNorm, kv_cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same block on (stream, normed) pairs, each residual add fused with the
+        LayerNorm after it: x (B, T, C) is the residual stream entering the block and
+        x_normed = ln_1(x); returns the stream leaving it and next_norm of that stream
+        (the next block's ln_1, or ln_f after the last block), both (B, T, C)."""
+        x, h = self.ln_2.add_and_norm(self.attn(x_normed, kv_cache), x)  # x + attn(ln_1(x)), ln_2 of it
+        return next_norm.add_and_norm(self.mlp(h), x)  # x + mlp(ln_2(x)), next_norm of it
+
 
 class GPT(nn.Module):
     """Token + position embeddings, n_layer blocks, final LayerNorm, tied LM head.
@@ -237,9 +256,7 @@ class GPT(nn.Module):
         pos = kv_cache.positions(T) if kv_cache is not None else torch.arange(T, device=idx.device)  # (T,) or (B, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T or B x T, C) -> (B, T, C)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
+        x = self._blocks_and_final_norm(x, kv_cache)  # (B, T, C): ln_f of the stream after the blocks
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
         logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
         if kv_cache is not None:
@@ -253,6 +270,22 @@ class GPT(nn.Module):
                 ignore_index=-1,
             )
         return logits, loss
+
+    def _blocks_and_final_norm(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """The residual stream x (B, T, C) through every block, then ln_f: (B, T, C)."""
+        blocks = self.transformer.h
+        if not self.config.use_fused:
+            for block in blocks:
+                x = block(x, kv_cache)  # (B, T, C)
+            return self.transformer.ln_f(x)
+        # Fused: every residual add shares one pass with the LayerNorm after it, so the
+        # blocks hand on (stream, normed) pairs. Only the first LayerNorm has no add before
+        # it; the last block's second add goes with ln_f.
+        normed = blocks[0].ln_1(x)  # (B, T, C)
+        next_norms = [block.ln_1 for block in blocks[1:]] + [self.transformer.ln_f]
+        for block, next_norm in zip(blocks, next_norms):
+            x, normed = block.forward_fused(x, normed, next_norm, kv_cache)  # (B, T, C) each
+        return normed
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         weight = self.transformer.wte.weight
