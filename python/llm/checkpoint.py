@@ -28,6 +28,7 @@ from llm.model import GPT
 from llm.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "step")
+TASKS = ("lm", "classify", "instruct")
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
@@ -77,3 +78,11 @@ def model_from_checkpoint(checkpoint: dict, **config_overrides) -> tuple[GPT, ti
     model = GPT(config)
     load_model_state(model, checkpoint["model"])
     return model, tokenizer_from_dict(checkpoint["tokenizer"])
+
+
+def checkpoint_task(checkpoint: dict) -> str:
+    """What the model was fine-tuned for: "lm" (also when the key is absent), "classify" or "instruct"."""
+    task = checkpoint.get("task", "lm")
+    if task not in TASKS:
+        raise ValueError(f"the checkpoint's task {task!r} is none of {', '.join(TASKS)}")
+    return task

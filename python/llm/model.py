@@ -127,11 +127,13 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fused:
+        if self.use_fused and type(self.c_fc) is nn.Linear:
             h = F.linear(x, self.c_fc.weight)  # (B, T, C) -> (B, T, 4C), bias added in the fused op
             # gelu_tanh(h + bias), (B, T, 4C); under autocast h is bf16 while the bias stays
             # float32, and the fused kernels take one dtype (the cast is differentiable).
             h = _llmkernels().bias_gelu(h, self.c_fc.bias.to(h.dtype))
+        elif self.use_fused:  # c_fc wrapped (a LoRA adapter, llm.finetune.lora): its own forward
+            h = _llmkernels().gelu(self.c_fc(x))  # (B, T, C) -> (B, T, 4C)
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, C) -> (B, T, 4C)
         return self.dropout(self.c_proj(h))  # (B, T, 4C) -> (B, T, C)
@@ -214,6 +216,23 @@ class GPT(nn.Module):
         the mean cross-entropy (targets == -1 are ignored). With a KVCache, idx holds only
         the new tokens; they are placed after the cached ones."""
         B, T = idx.shape
+        x = self.hidden_states(idx, kv_cache)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
+        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(B * T, -1).float(),  # (B, T, V) -> (B*T, V)
+                targets.reshape(B * T),  # (B, T) -> (B*T,)
+                ignore_index=-1,
+            )
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final LayerNorm's output (B, T, C): what the LM head reads, and
+        what a classification head reads instead (llm.finetune.classify)."""
+        B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_length:
             raise ValueError(
@@ -225,20 +244,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, kv_cache)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
-        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
         if kv_cache is not None:
             kv_cache.advance(T)
-
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.reshape(B * T, -1).float(),  # (B, T, V) -> (B*T, V)
-                targets.reshape(B * T),  # (B, T) -> (B*T,)
-                ignore_index=-1,
-            )
-        return logits, loss
+        return self.transformer.ln_f(x)  # (B, T, C)
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         weight = self.transformer.wte.weight
