@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data
 from llm.files import atomic_output
@@ -168,6 +168,11 @@ def train(cfg: TrainConfig) -> dict:
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         resume_from = load_checkpoint(checkpoint_path)
+        if "finetune_config" in resume_from or checkpoint_task(resume_from) != "lm":
+            raise ValueError(
+                f"--resume: {checkpoint_path} is a fine-tune (task {checkpoint_task(resume_from)}); continue it "
+                f"with llm-finetune --resume --out-dir {cfg.out_dir}, which keeps its task, data and settings"
+            )
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model, tokenizer = main_process_first(ddp, lambda: build_model(cfg, resume_from))
     model.to(device)

@@ -100,3 +100,19 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
             raise FileNotFoundError(f"--adapters: {directory / name} not found (expected a folder from llm-finetune)")
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     return load_file(str(directory / ADAPTER_WEIGHTS)), config
+
+
+def apply_adapters(gpt: nn.Module, directory: str | os.PathLike) -> tuple[nn.Module, str]:
+    """The base GPT with the saved adapters added (and the classification head, for a
+    classifier): (model, task). Merge with merge_lora for a plain model."""
+    from llm.finetune.classify import GPTClassifier
+
+    tensors, config = load_adapters(directory)
+    add_lora(gpt, config["rank"], config["alpha"], config["dropout"])
+    head = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    load_adapter_state(gpt, {k: v for k, v in tensors.items() if not k.startswith("head.")}, str(directory))
+    if config["task"] != "classify":
+        return gpt, config["task"]
+    model = GPTClassifier(gpt, config["labels"])
+    model.head.load_state_dict(head)
+    return model, "classify"

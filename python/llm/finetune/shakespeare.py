@@ -66,6 +66,7 @@ BUILTIN_DATASETS = ("shakespeare-genre", "shakespeare-play", "shakespeare-instru
 PASSAGE_LINES = 4
 MIN_PASSAGE_CHARS = 80  # shorter speeches ("Ay, he.") say too little to classify
 SPEAKER = re.compile(r"[A-Z][A-Za-z' ,&-]{0,30}\.?")
+PLAY_START = re.compile(r"^(ACT|Act|INDUCTION|PROLOGUE)", re.MULTILINE)
 NOT_SPEAKERS = ("ACT", "SCENE", "Scene", "Enter", "Exit", "Exeunt", "PERSONS", "DRAMATIS", "EPILOGUE", "PROLOGUE")
 
 
@@ -73,6 +74,7 @@ NOT_SPEAKERS = ("ACT", "SCENE", "Scene", "Enter", "Exit", "Exeunt", "PERSONS", "
 def speeches(stem: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(speaker, spoken lines) for every speech of a play, in order; stage directions dropped."""
     text = read_document(DEFAULT_CORPUS_DIR / f"{stem}.txt.gz")
+    text = text[PLAY_START.search(text).start() :]  # after the list of persons
     found = []
     for paragraph in re.split(r"\n\s*\n", text):
         lines = [line.strip() for line in paragraph.strip().splitlines()]
