@@ -41,7 +41,10 @@ def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
     """Wrap the GPT's projections in LoRA adapters, in place; afterwards only the adapters
     require gradients (peft freezes everything else)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ValueError("LoRA needs the peft package: pip install 'llmkernels[finetune]' (or pip install peft)") from None
 
     check_lora_options(rank, alpha, dropout)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGET_MODULES)
