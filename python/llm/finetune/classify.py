@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tiktoken
 import torch
 import torch.nn as nn
@@ -128,7 +129,7 @@ def save_confusion_plot(panels: dict[str, dict], path) -> None:
     size = 2.5 + 0.35 * K
     figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
     for axis, (title, metrics) in zip(axes[0], panels.items()):
-        counts = torch.tensor(metrics["confusion"], dtype=torch.float)
+        counts = np.array(metrics["confusion"], dtype=float)
         axis.imshow(counts, cmap="Blues")
         axis.set_title(f"{title}: accuracy {metrics['accuracy']:.1%}")
         axis.set_xticks(range(K), metrics["labels"], rotation=90 if K > 4 else 0, fontsize=8)
@@ -136,9 +137,10 @@ def save_confusion_plot(panels: dict[str, dict], path) -> None:
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
         if K <= 12:
-            for (i, j), count in zip([(i, j) for i in range(K) for j in range(K)], counts.flatten().tolist()):
-                axis.text(j, i, int(count), ha="center", va="center", fontsize=8,
-                          color="white" if count > counts.max() / 2 else "black")  # fmt: skip
+            for i in range(K):
+                for j in range(K):
+                    axis.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                              color="white" if counts[i, j] > counts.max() / 2 else "black")  # fmt: skip
     figure.tight_layout()
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)

@@ -138,7 +138,7 @@ def instruction_records(count: int, seed: int) -> list[Instruction]:
 def builtin_dataset(name: str, seed: int = 0) -> list:
     """The named built-in dataset's examples (LabelledText or Instruction records)."""
     if name == "shakespeare-genre":
-        return classification_examples("genre", per_class=400, seed=seed)
+        return classification_examples("genre", per_class=2000, seed=seed)
     if name == "shakespeare-play":
         return classification_examples("play", per_class=40, seed=seed)
     if name == "shakespeare-instruct":
