@@ -72,8 +72,8 @@ def test_adapters_round_trip_alone(tmp_path, generator):
         head = {f"head.{k}": v for k, v in model.head.state_dict().items()} if task == "classify" else {}
         config = {"rank": 4, "alpha": 8, "dropout": 0.1, "task": task, "labels": ["ham", "spam"]}
         save_adapters(tmp_path / task, {**adapter_state(gpt), **head}, config)
-        loaded, loaded_task = apply_adapters(tiny_gpt(), tmp_path / task)  # a fresh copy of the same base
-        assert loaded_task == task
+        loaded, loaded_config = apply_adapters(tiny_gpt(), tmp_path / task)  # a fresh copy of the same base
+        assert loaded_config == config
         model.eval(), loaded.eval()
         inputs = (x, lengths) if task == "classify" else (x,)
         torch.testing.assert_close(loaded(*inputs), model(*inputs), rtol=0, atol=0)

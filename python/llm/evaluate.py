@@ -65,6 +65,7 @@ def evaluate(
     adapters: str | None = None,
     task: str | None = None,
     data: list[str] | None = None,
+    data_dir: str | None = None,
     out_dir: str | None = None,
     device: str = "auto",
     use_fused: bool = False,
@@ -75,20 +76,22 @@ def evaluate(
     device = resolve_device(device)
     gpt, tokenizer, saved = load_source(checkpoint, use_fused)
     context = gpt.config.context_length
+    finetune_config = saved.get("finetune_config") or {}
     if adapters:  # "before" is then the base model itself (not a classifier: its head is new)
-        after_model, adapter_task = apply_adapters(gpt, adapters)
+        after_model, adapter_config = apply_adapters(gpt, adapters)
         after_model = merge_lora(after_model)
-        task = task or adapter_task
+        finetune_config = adapter_config.get("finetune_config") or {}
+        task = task or adapter_config["task"]
         if before == "auto":
             before = "none" if task == "classify" else checkpoint
     else:
         task = task or checkpoint_task(saved)
         after_model = task_model(gpt, saved, task)
     # The fine-tune's own data and splits, unless others are named.
-    settings = dict(saved.get("finetune_config") or {}, task=task, init_from=checkpoint, resume=False)
+    settings = dict(finetune_config, task=task, init_from=checkpoint, resume=False)
     if data:
         settings["data"] = data
-    for name, value in (("batch_size", batch_size), ("answer_count", answer_count)):
+    for name, value in (("data_dir", data_dir), ("batch_size", batch_size), ("answer_count", answer_count)):
         if value is not None:
             settings[name] = value
     cfg = FinetuneConfig(**settings)
@@ -99,7 +102,7 @@ def evaluate(
     models = {"after": checkpoint + (f" + {adapters}" if adapters else "")}
     results = {}
     if before == "auto":
-        before = (saved.get("finetune_config") or {}).get("init_from")
+        before = finetune_config.get("init_from")
     if before and before != "none":
         before_gpt, _, before_saved = load_source(before, use_fused)
         if before_gpt.config.context_length > context:
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapters", default=None, help="LoRA adapters folder to apply to --checkpoint")
     parser.add_argument("--task", choices=TASKS, default=None, help="default: the checkpoint's")
     parser.add_argument("--data", nargs="+", default=None, help="data files or a built-in dataset name")
+    parser.add_argument("--data-dir", default=None, help="token cache for text (lm task)")
     parser.add_argument("--out-dir", default=None, help="default: eval/ beside the checkpoint")
     parser.add_argument("--batch-size", type=int_in(1), default=None)
     parser.add_argument("--answer-count", type=int_in(0), default=None, help="instruct: held-out prompts to answer")

@@ -133,6 +133,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 "rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                 "target_modules": TARGET_MODULES, "task": cfg.task, "base_model": cfg.init_from,
                 "labels": model.labels if isinstance(model, GPTClassifier) else None,
+                "finetune_config": dataclasses.asdict(cfg),
             })  # fmt: skip
         save_checkpoint(checkpoint_path, checkpoint)
         save_loss_curve(history, out_dir / "loss.png")

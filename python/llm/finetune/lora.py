@@ -105,9 +105,9 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     return load_file(str(directory / ADAPTER_WEIGHTS)), config
 
 
-def apply_adapters(gpt: nn.Module, directory: str | os.PathLike) -> tuple[nn.Module, str]:
+def apply_adapters(gpt: nn.Module, directory: str | os.PathLike) -> tuple[nn.Module, dict]:
     """The base GPT with the saved adapters added (and the classification head, for a
-    classifier): (model, task). Merge with merge_lora for a plain model."""
+    classifier): (model, adapter config). Merge with merge_lora for a plain model."""
     from llm.finetune.classify import GPTClassifier
 
     tensors, config = load_adapters(directory)
@@ -115,7 +115,7 @@ def apply_adapters(gpt: nn.Module, directory: str | os.PathLike) -> tuple[nn.Mod
     head = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     load_adapter_state(gpt, {k: v for k, v in tensors.items() if not k.startswith("head.")}, str(directory))
     if config["task"] != "classify":
-        return gpt, config["task"]
+        return gpt, config
     model = GPTClassifier(gpt, config["labels"])
     model.head.load_state_dict(head)
-    return model, "classify"
+    return model, config
