@@ -9,6 +9,7 @@ import torch
 from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
 from llm.checkpoint import load_checkpoint, model_from_checkpoint
+from llm.finetune import FinetuneConfig, finetune
 from llm.finetune import main as finetune_main
 from llm.train import main as train_main
 
@@ -106,3 +107,18 @@ def test_bad_input_is_one_line(files, tmp_path, capsys, options, message):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("llm-finetune: error: ") and re.search(message, error), error
+
+
+def test_lm_fine_tune_of_gpt2_weights(files, tmp_path):
+    import transformers
+    config = transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    result = finetune(FinetuneConfig(
+        task="lm", init_from=str(tmp_path / "gpt2"), data=[str(files / "notes.txt")], out_dir=str(tmp_path / "ft"),
+        data_dir=str(tmp_path / "cache"), context_length=32, batch_size=4, max_steps=6, lr=3e-3, eval_interval=6,
+        eval_batches=2, device="cpu", progress=False,
+    ))  # fmt: skip
+    history = result["history"]["val_loss"]
+    assert history[-1][1] < history[0][1]
+    checkpoint = load_checkpoint(tmp_path / "ft/ckpt.pt")
+    assert checkpoint["model_config"]["context_length"] == 32 and checkpoint["tokenizer"] == {"name": "gpt2"}
