@@ -12,6 +12,11 @@ tokenizer as its description), so loading it never runs pickled code:
   history              losses so far, for the loss curve
   task                 optional: "lm" (absent = "lm"), "classify" or "instruct" -- what the
                        model was fine-tuned for, so every command treats it accordingly
+Written by llm-finetune (llm.finetune.loop) instead of train_config:
+  finetune_config      dataclasses.asdict(FinetuneConfig): llm-finetune --resume continues it
+  classifier           classify: {"labels", "head", "initial_head"} (llm.finetune.classify)
+  lora                 LoRA runs: {"adapters": unmerged adapter weights}; "model" is merged
+  evaluation           {"before": the task's metrics before fine-tuning}
 """
 
 from __future__ import annotations

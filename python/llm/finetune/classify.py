@@ -12,8 +12,6 @@ A classifier checkpoint is an ordinary llm checkpoint (its "model" is the GPT bo
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tiktoken
 import torch
@@ -113,6 +111,7 @@ def classification_metrics(model: GPTClassifier, data: ClassificationSet, batch_
         "examples": n,
         "loss": total_loss / n,
         "accuracy": confusion.diag().sum().item() / n,
+        "majority_class_accuracy": majority_class_accuracy(confusion.tolist()),
         "labels": model.labels,
         "confusion": confusion.tolist(),
     }
@@ -147,7 +146,7 @@ def save_confusion_plot(panels: dict[str, dict], path) -> None:
     plt.close(figure)
 
 
-def chance_accuracy(confusion: list[list[int]]) -> float:
-    """Accuracy of always predicting the most common true label."""
+def majority_class_accuracy(confusion: list[list[int]]) -> float:
+    """Accuracy of always predicting the most common true label: the chance level to beat."""
     row_totals = [sum(row) for row in confusion]
-    return max(row_totals) / max(1, sum(row_totals)) if row_totals else math.nan
+    return max(row_totals) / sum(row_totals)
