@@ -206,6 +206,25 @@ class GPT(nn.Module):
         n = self.num_parameters() - self.transformer.wpe.weight.numel()  # lookups cost no FLOPs
         return 6 * n + 12 * cfg.n_layer * cfg.context_length * cfg.n_embd
 
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final LayerNorm's output (B, T, C): what the LM head reads, and
+        what a classification head reads instead (llm.finetune.classify)."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens ({start} cached + {T} new) is longer than "
+                f"the model's context_length {self.config.context_length}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -228,25 +247,6 @@ class GPT(nn.Module):
                 ignore_index=-1,
             )
         return logits, loss
-
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) -> the final LayerNorm's output (B, T, C): what the LM head reads, and
-        what a classification head reads instead (llm.finetune.classify)."""
-        B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens ({start} cached + {T} new) is longer than "
-                f"the model's context_length {self.config.context_length}"
-            )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, kv_cache)  # (B, T, C)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        return self.transformer.ln_f(x)  # (B, T, C)
 
     def new_kv_cache(self, batch_size: int) -> KVCache:
         weight = self.transformer.wte.weight
