@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
 
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) a fine-tune; returns {"history", "report": {"before", "after"}, "table"}."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("llm-finetune runs in one process, not under torchrun; for plain text on many GPUs "
+                         "use torchrun -m llm.train --init-from CHECKPOINT")
     device = resolve_device(cfg.device)
     log = tqdm.write if cfg.progress else (lambda *_: None)
     out_dir = Path(cfg.out_dir)
