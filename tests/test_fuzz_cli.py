@@ -20,12 +20,6 @@ from hypothesis import strategies as st
 from llm.cli import Bounded
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-# Commands whose module does not follow the convention yet (owned by another branch); strict
-# xfail, so the entry must go once the module lands with build_parser().
-PENDING = {
-    "llm-generate": "llm.generate's command line is being rewritten on the issue12 branch",
-    "llm-finetune": "llm.finetune becomes a package with its own command line on the issue12 branch",
-}
 
 
 def console_scripts() -> dict[str, str]:
@@ -36,10 +30,8 @@ def console_scripts() -> dict[str, str]:
 
 def command_params() -> list:
     return [
-        pytest.param(name, target, id=name,
-                     marks=[pytest.mark.xfail(strict=True, reason=PENDING[name])] if name in PENDING else [])
-        for name, target in sorted(console_scripts().items())
-    ]  # fmt: skip
+        pytest.param(name, target, id=name) for name, target in sorted(console_scripts().items())
+    ]
 
 
 def load_command(target: str):

@@ -13,6 +13,12 @@ tokenizer as its description), so loading it never runs pickled code:
   task                 optional: "lm" (absent = "lm"), "classify" or "instruct" -- what the
                        model was fine-tuned for, so every command treats it accordingly
 
+Written by llm-finetune (llm.finetune.loop) instead of train_config:
+  finetune_config      dataclasses.asdict(FinetuneConfig): llm-finetune --resume continues it
+  classifier           classify: {"labels", "head", "initial_head"} (llm.finetune.classify)
+  lora                 LoRA runs: {"adapters": unmerged adapter weights}; "model" is merged
+  evaluation           {"before": the task's metrics before fine-tuning}
+
 On disk that dict is the "payload" of {"payload", "sha256", "llmkernels_version"}: the
 SHA-256 of a canonical walk over the payload (every tensor's dtype, shape and bytes, every
 plain value), so a damaged file is refused instead of loading changed weights. Files
@@ -35,6 +41,7 @@ from llm.model import GPT
 from llm.tokenizer import tokenizer_from_dict
 
 REQUIRED_KEYS = ("model", "model_config", "tokenizer", "step")
+TASKS = ("lm", "classify", "instruct")
 ENVELOPE_KEYS = {"payload", "sha256", "llmkernels_version"}
 
 
@@ -68,7 +75,6 @@ def payload_digest(payload) -> str:
 
     visit(payload)
     return digest.hexdigest()
-
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     """Write the checkpoint with its checksum and the package version, atomically."""
@@ -128,3 +134,11 @@ def model_from_checkpoint(checkpoint: dict, **config_overrides) -> tuple[GPT, ti
     model = GPT(config)
     load_model_state(model, checkpoint["model"])
     return model, tokenizer_from_dict(checkpoint["tokenizer"])
+
+
+def checkpoint_task(checkpoint: dict) -> str:
+    """What the model was fine-tuned for: "lm" (also when the key is absent), "classify" or "instruct"."""
+    task = checkpoint.get("task", "lm")
+    if task not in TASKS:
+        raise ValueError(f"the checkpoint's task {task!r} is none of {', '.join(TASKS)}")
+    return task

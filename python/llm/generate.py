@@ -6,20 +6,28 @@ key length S). With use_fused, that decode step goes through
 llmkernels.flash_attention, whose bottom-right-aligned causal mask handles Sq != Sk;
 fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
 
-    python -m llm.generate --checkpoint out/ckpt.pt --prompt "ROMEO:"
-    python -m llm.generate --gpt2-weights ./gpt2 --prompt "Hello" --top-p 0.9
+    llm-generate --checkpoint out/ckpt.pt --prompt "ROMEO:" --stream
+    llm-generate --gpt2-weights ./gpt2 --prompt "Hello" --top-p 0.9
+    llm-generate --checkpoint out-instruct/ckpt.pt --prompt "Who speaks these lines?" --input "..."
+
+An instruction model (checkpoint task "instruct") gets its prompt in the template it was
+trained with (llm.prompt_template) and prints only its response. --max-new-tokens is at
+least 1 (a run that generates nothing is a mistake, not a request).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 from collections.abc import Iterator
 
 import tiktoken
 import torch
 
+from llm.cli import command, device_name, existing_file, existing_path, float_in, int_in, new_parser
 from llm.model import GPT
+from llm.runtime import DEVICE_CHOICES
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -146,53 +154,100 @@ def complete(
     return prompt + tokenizer.decode(new_ids)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from llm.checkpoint import load_checkpoint, model_from_checkpoint
-    from llm.tokenizer import gpt2_tokenizer
-    from llm.runtime import resolve_device
-    from llm.weights import load_gpt2
+def stream_text(
+    model: GPT,
+    tokenizer: tiktoken.Encoding,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    seed: int = 1337,
+    **sampling,
+) -> Iterator[str]:
+    """The generated text piece by piece as tokens arrive, up to <|endoftext|>. A BPE token
+    can end inside a multi-byte character; the incremental UTF-8 decoder holds such bytes
+    back until the character is complete, so every piece is valid text."""
+    device = model.transformer.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = torch.tensor([prompt_ids], device=device)  # (1, T)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in stream_tokens(model, prompt, max_new_tokens, eos_token=tokenizer.eot_token, generator=generator,
+                               **sampling):  # fmt: skip
+        if token.item() == tokenizer.eot_token:
+            break
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(token.item()))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+PROG = "llm-generate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser(PROG, __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a checkpoint written by llm.train (ckpt.pt)")
-    source.add_argument("--gpt2-weights", help="a Hugging Face GPT-2 save_pretrained folder")
-    parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    source.add_argument("--checkpoint", type=existing_file,
+                        help="a checkpoint written by llm-train or llm-finetune (ckpt.pt)")
+    source.add_argument("--gpt2-weights", type=existing_path,
+                        help="a Hugging Face GPT-2 save_pretrained folder (or one llm-export wrote)")
+    parser.add_argument("--prompt", default="\n", help="the text to continue; for an instruction model, the instruction")
+    parser.add_argument("--input", default=None, help="instruction models: the instruction's input (optional)")
+    parser.add_argument("--max-new-tokens", type=int_in(1), default=200, help="at least 1")
+    parser.add_argument("--temperature", type=float_in(0), default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int_in(1), default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float_in(0, 1, min_open=True), default=None,
+                        help="sample from the most likely tokens that hold this much probability")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-samples", type=int_in(1), default=1)
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token")
-    args = parser.parse_args(argv)
+    return parser
 
+
+@command(PROG)
+def main(argv: list[str] | None = None) -> None:
+    """Print samples: the prompt and its continuation, or for an instruction model (checkpoint
+    task "instruct") the response to --prompt put in the instruction template."""
+    from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
+    from llm.prompt_template import format_prompt
+    from llm.runtime import resolve_device
+    from llm.weights import load_gpt2_with_tokenizer
+
+    args = build_parser().parse_args(argv)
+    task = "lm"
     if args.checkpoint:
-        model, tokenizer = model_from_checkpoint(load_checkpoint(args.checkpoint), use_fused=args.use_fused)
+        checkpoint = load_checkpoint(args.checkpoint)
+        task = checkpoint_task(checkpoint)
+        if task == "classify":
+            raise ValueError(f"{args.checkpoint} is a classifier (task classify): it predicts labels, not text; "
+                             "use llm-eval to measure it")
+        model, tokenizer = model_from_checkpoint(checkpoint, use_fused=args.use_fused)
     else:
-        model, tokenizer = load_gpt2(args.gpt2_weights, use_fused=args.use_fused), gpt2_tokenizer()
-    device = resolve_device(args.device)
-    model.to(device)
+        model, tokenizer = load_gpt2_with_tokenizer(args.gpt2_weights, use_fused=args.use_fused)
+    if args.input is not None and task != "instruct":
+        raise ValueError("--input: only instruction models (llm-finetune --task instruct) take an input")
+    model.to(resolve_device(args.device))
+    prompt = format_prompt(args.prompt, args.input) if task == "instruct" else args.prompt
+    prompt_ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
     for i in range(args.num_samples):
-        text = complete(
-            model,
-            tokenizer,
-            args.prompt,
-            args.max_new_tokens,
-            seed=args.seed + i,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            use_cache=not args.no_kv_cache,
-        )
-        print(text)
+        pieces = stream_text(
+            model, tokenizer, prompt_ids, args.max_new_tokens, seed=args.seed + i, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_kv_cache,
+        )  # fmt: skip
+        if task == "lm":
+            print(args.prompt, end="", flush=True)
+        if args.stream:
+            for piece in pieces:
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print("".join(pieces))
         if i + 1 < args.num_samples:
             print("-" * 40)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message, no traceback
-        raise SystemExit(f"error: {error}") from None
+    main()

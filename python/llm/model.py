@@ -150,11 +150,13 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fused:
+        if self.use_fused and type(self.c_fc) is nn.Linear:
             h = F.linear(x, self.c_fc.weight)  # (B, T, C) -> (B, T, 4C), bias added in the fused op
             # gelu_tanh(h + bias), (B, T, 4C); under autocast h is bf16 while the bias stays
             # float32, and the fused kernels take one dtype (the cast is differentiable).
             h = _llmkernels().bias_gelu(h, self.c_fc.bias.to(h.dtype))
+        elif self.use_fused:  # c_fc wrapped (a LoRA adapter, llm.finetune.lora): its own forward
+            h = _llmkernels().gelu(self.c_fc(x))  # (B, T, C) -> (B, T, 4C)
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, C) -> (B, T, 4C)
         return self.dropout(self.c_proj(h))  # (B, T, 4C) -> (B, T, C)
@@ -237,15 +239,9 @@ class GPT(nn.Module):
         n = self.num_parameters() - self.transformer.wpe.weight.numel()  # lookups cost no FLOPs
         return 6 * n + 12 * cfg.n_layer * cfg.context_length * cfg.n_embd
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T),
-        the mean cross-entropy (targets == -1 are ignored). With a KVCache, idx holds only
-        the new tokens; they are placed after the cached ones."""
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final LayerNorm's output (B, T, C): what the LM head reads, and
+        what a classification head reads instead (llm.finetune.classify)."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_length:
@@ -257,10 +253,23 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T or B x T, C) -> (B, T, C)
         x = self.transformer.drop(x)
         x = self._blocks_and_final_norm(x, kv_cache)  # (B, T, C): ln_f of the stream after the blocks
-        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
-        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
         if kv_cache is not None:
             kv_cache.advance(T)
+        return x
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T),
+        the mean cross-entropy (targets == -1 are ignored). With a KVCache, idx holds only
+        the new tokens; they are placed after the cached ones."""
+        B, T = idx.shape
+        x = self.hidden_states(idx, kv_cache)  # (B, T, C)
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
+        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
 
         loss = None
         if targets is not None:

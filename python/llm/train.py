@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint
 from llm.cli import checked_by, command, device_name, existing_path, float_in, int_in, new_parser
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
@@ -183,9 +183,11 @@ def check_existing_checkpoint(cfg: TrainConfig, path: Path) -> None:
 def resumed_config(cfg: TrainConfig, checkpoint: dict, path: Path) -> TrainConfig:
     """cfg with the model settings of the run it resumes (RESUMED_SETTINGS); an option that
     contradicts them, a fine-tuned checkpoint or one already at --max-steps is refused."""
-    task = checkpoint.get("task", "lm")
-    if task != "lm":
-        raise ValueError(f"--resume: {path} is a fine-tuned {task!r} checkpoint; continue it with llm-finetune")
+    if "finetune_config" in checkpoint or checkpoint_task(checkpoint) != "lm":
+        raise ValueError(
+            f"--resume: {path} is a fine-tune (task {checkpoint_task(checkpoint)}); continue it with "
+            f"llm-finetune --resume --out-dir {path.parent}, which keeps its task, data and settings"
+        )
     if checkpoint["step"] >= cfg.max_steps:
         raise ValueError(
             f"--max-steps {cfg.max_steps}: {path} is already at step {checkpoint['step']}; "

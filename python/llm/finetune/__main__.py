@@ -1,0 +1,3 @@
+from llm.finetune.cli import main
+
+main()

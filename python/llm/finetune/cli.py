@@ -1,0 +1,105 @@
+"""llm-finetune: fine-tune a trained GPT (an llm checkpoint or a GPT-2 folder) for a task.
+
+    llm-finetune --task classify --init-from out/ckpt.pt                  # genre of a passage
+    llm-finetune --task classify --init-from ./gpt2 --data SMSSpamCollection --context-length 128
+    llm-finetune --task instruct --init-from out/ckpt.pt --lora-rank 8    # built-in instructions
+    llm-finetune --task instruct --init-from ./gpt2 --data alpaca.json
+    llm-finetune --task lm --init-from ./gpt2 --data 'notes/*.txt'
+    llm-finetune --resume --out-dir out-finetune --max-steps 400          # continue that fine-tune
+
+Data: classify reads CSV/TSV (label, text) files, instruct reads JSON/JSONL records
+(instruction, input, output), lm reads text files; without --data each task uses its
+built-in Shakespeare dataset (shakespeare-genre, shakespeare-play, shakespeare-instruct).
+Writes OUT_DIR/ckpt.pt (LoRA merged in; every command loads it), adapters/ (LoRA runs),
+loss.png and the before/after report (report.md, report.json, confusion.png, answers.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from llm.checkpoint import TASKS, load_checkpoint
+from llm.cli import command, float_in, int_in, new_parser
+from llm.finetune.config import ALL_BLOCKS, DTYPES, FinetuneConfig
+from llm.finetune.loop import finetune
+
+PROG = "llm-finetune"
+# What may change when resuming; everything else continues as the fine-tune started.
+RESUME_OPTIONS = ("out_dir", "max_steps", "eval_interval", "device", "use_fused", "compile", "progress")
+
+
+def trainable_blocks(text: str) -> int:
+    if text == "all":
+        return ALL_BLOCKS
+    return int_in(0)(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig(init_from="")  # the defaults
+    parser = new_parser(PROG, __doc__)
+    parser.add_argument("--task", choices=TASKS, default=d.task)
+    parser.add_argument("--init-from", default=None, help="checkpoint (.pt) or Hugging Face GPT-2 folder to start from")
+    parser.add_argument("--data", nargs="+", default=[], help="data files, or a built-in dataset name")
+    parser.add_argument("--data-dir", default=d.data_dir, help="token cache (lm task)")
+    parser.add_argument("--out-dir", default=d.out_dir)
+    parser.add_argument("--resume", action="store_true", help="continue the fine-tune in OUT_DIR")
+    parser.add_argument("--val-fraction", type=float_in(0, 1, max_open=True), default=d.val_fraction)
+    parser.add_argument("--test-fraction", type=float_in(0, 1, max_open=True), default=d.test_fraction)
+    parser.add_argument("--context-length", type=int_in(1), default=None, help="default: the model's")
+    parser.add_argument("--dropout", type=float_in(0, 1, max_open=True), default=d.dropout)
+    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="autocast: auto = bf16 on GPU only")
+    parser.add_argument("--trainable-blocks", type=trainable_blocks, default=None,
+                        help="train the last N blocks + final LayerNorm (+ head), or 'all' "
+                             "(default: 1 for classify, all otherwise; LoRA trains adapters instead)")  # fmt: skip
+    parser.add_argument("--lora-rank", type=int_in(0), default=d.lora_rank, help="0 = no LoRA")
+    parser.add_argument("--lora-alpha", type=float_in(0, min_open=True), default=d.lora_alpha)
+    parser.add_argument("--lora-dropout", type=float_in(0, 1, max_open=True), default=d.lora_dropout)
+    parser.add_argument("--train-on-prompt", action="store_true", help="instruct: the prompt tokens count in the loss too")
+    parser.add_argument("--batch-size", type=int_in(1), default=d.batch_size)
+    parser.add_argument("--grad-accum-steps", type=int_in(1), default=d.grad_accum_steps)
+    parser.add_argument("--max-steps", type=int_in(1), default=d.max_steps)
+    parser.add_argument("--lr-decay-steps", type=int_in(1), default=None, help="default: max steps")
+    parser.add_argument("--warmup-steps", type=int_in(0), default=d.warmup_steps)
+    parser.add_argument("--lr", type=float_in(0, min_open=True), default=d.lr)
+    parser.add_argument("--min-lr", type=float_in(0), default=None, help="default: lr / 10")
+    parser.add_argument("--weight-decay", type=float_in(0), default=d.weight_decay)
+    parser.add_argument("--grad-clip", type=float_in(0), default=d.grad_clip, help="0 = off")
+    parser.add_argument("--eval-interval", type=int_in(1), default=d.eval_interval)
+    parser.add_argument("--eval-batches", type=int_in(1), default=d.eval_batches)
+    parser.add_argument("--answer-count", type=int_in(0), default=d.answer_count,
+                        help="instruct: held-out prompts answered in the report")  # fmt: skip
+    parser.add_argument("--answer-tokens", type=int_in(1), default=d.answer_tokens)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
+    options = vars(args)
+    if not args.resume:
+        return FinetuneConfig(**options)
+    checkpoint = load_checkpoint(f"{args.out_dir}/ckpt.pt")
+    if "finetune_config" not in checkpoint:
+        raise ValueError(f"{args.out_dir}/ckpt.pt was not written by llm-finetune; continue it with llm-train --resume")
+    fixed = sorted(name for name, value in options.items()
+                   if name not in RESUME_OPTIONS + ("resume",) and value != parser.get_default(name))  # fmt: skip
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
+        raise ValueError(f"{flags}: cannot change when resuming; the fine-tune continues with its saved settings "
+                         f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_OPTIONS)} may change)")
+    saved = checkpoint["finetune_config"]
+    given = {name: options[name] for name in RESUME_OPTIONS if options[name] != parser.get_default(name)}
+    return FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True})
+
+
+@command(PROG)
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    cfg = config_from_args(parser, parser.parse_args(argv))
+    result = finetune(cfg)
+    history = result["history"]["val_loss"]
+    print(result["table"])
+    print(f"validation loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; checkpoint and report in {cfg.out_dir}")
