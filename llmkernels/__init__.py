@@ -1,4 +1,4 @@
-"""llmkernels: fused attention, LayerNorm and GELU kernels (CUDA and Triton) for training
+"""llmkernels: fused attention, LayerNorm, GELU and linear + cross-entropy kernels (CUDA and Triton) for training
 GPTs, each behind one function with a plain-PyTorch reference it falls back to.
 
     import llmkernels
@@ -6,12 +6,14 @@ GPTs, each behind one function with a plain-PyTorch reference it falls back to.
     y = llmkernels.layer_norm(x, weight, bias, eps=1e-5)
     y = llmkernels.gelu(x)                                       # tanh approximation
     y = llmkernels.bias_gelu(x, bias)
+    loss = llmkernels.linear_cross_entropy(x, weight, targets)   # LM head + cross-entropy, no (N, V) logits
     llmkernels.available_backends()   # which of cuda / triton / reference run here, and why not
 """
 from .attention import flash_attention, flash_attention_reference
 from .backends import BACKENDS, BackendUnavailableError, available_backends, explain
 from .gelu import bias_gelu, bias_gelu_reference, gelu, gelu_reference
 from .layer_norm import layer_norm, layer_norm_reference
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 
 __all__ = [
     "BACKENDS",
@@ -26,4 +28,6 @@ __all__ = [
     "gelu_reference",
     "layer_norm",
     "layer_norm_reference",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
 ]
