@@ -209,10 +209,15 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T),
-        the mean cross-entropy (targets == -1 are ignored). With a KVCache, idx holds only
-        the new tokens; they are placed after the cached ones."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss). With a KVCache, idx holds only the new
+        tokens; they are placed after the cached ones.
+
+        Without targets: logits (B, T, vocab_size), loss None (generation).
+        With targets (B, T): loss is the mean cross-entropy (targets == -1 are ignored), and
+        logits are (B, T, vocab_size), except with config.use_fused, where the loss comes
+        from llmkernels.linear_cross_entropy, which never forms the (B*T, V) logits, and
+        logits is None (training and evaluation need only the loss)."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.context_length:
@@ -226,10 +231,18 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, kv_cache)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
-        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if targets is not None and self.config.use_fused:
+            loss = _llmkernels().linear_cross_entropy(
+                x.reshape(B * T, -1),  # (B, T, C) -> (B*T, C)
+                self.lm_head.weight[: self.config.vocab_size],  # (V, C): the tied weight without its padding rows
+                targets.reshape(B * T),  # (B, T) -> (B*T,)
+                ignore_index=-1,
+            )
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
+        logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
 
         loss = None
         if targets is not None:
