@@ -1,4 +1,4 @@
-"""python -m benchmarks [attention|layernorm|gelu|e2e|all] [--quick] [--out DIR] ...
+"""python -m benchmarks [attention|layernorm|gelu|linear_cross_entropy|e2e|all] [--quick] [--out DIR] ...
 
 Measures the device ceilings, then every case of the chosen suites against the baselines,
 in one process, and writes results.json, results.md and summary.png to --out. Cases run
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, kernels, report
+from . import e2e, kernels, linear_cross_entropy, report
 from .measure import REPO_ROOT, device_slug, environment, make_timer, measure_ceilings
 
-SUITES = ("attention", "layernorm", "gelu", "e2e")
+SUITES = ("attention", "layernorm", "gelu", "linear_cross_entropy", "e2e")
 # Rough wall time of one measurement and of one torch.compile, for --time-budget.
 MEASUREMENT_S = {"cuda": 0.15, "cpu": 0.05}
 COMPILE_S = 5.0
@@ -70,6 +70,8 @@ def plan(suites: list[str], device: str, quick: bool, use_compile: bool,
     for suite in suites:
         if suite == "e2e":
             items += [(0.5, "e2e", item) for item in e2e.plan(device, quick, use_compile)]
+            continue
+        if suite == "linear_cross_entropy":  # runs after these items: linear_cross_entropy.run_suite
             continue
         cases = kernels.cases_for(suite, device, quick)
         for case in cases:
@@ -144,6 +146,10 @@ def main(argv=None) -> int:
             report.write_text(out_dir / "results.json", json.dumps(run))
             last_checkpoint = time.monotonic()
     progress.close()
+    if "linear_cross_entropy" in args.suites:
+        budget_left = None if args.time_budget is None else args.time_budget - (time.monotonic() - t0)
+        run["linear_cross_entropy"] = linear_cross_entropy.run_suite(device, args.quick, use_compile, timer, out_dir,
+                                                                     budget_left)
 
     run["elapsed_s"] = time.monotonic() - t0
     report.summarise(run["records"], run["ceilings"])

@@ -140,7 +140,9 @@ def _check_inputs(x, weight, targets, bias, ignore_index, reduction) -> None:
     check_tensor("weight", weight, ndim=2)
     num_rows, hidden = x.shape
     if weight.shape[0] == 0 or weight.shape[1] != hidden:
-        raise ValueError(f"weight must have shape (vocab >= 1, {hidden}) (hidden = x.shape[1]), got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (vocab >= 1, {hidden}) (hidden = x.shape[1]), got {tuple(weight.shape)}"
+        )
     check_same_dtype("weight", weight, "x", x)
     check_same_device("weight", weight, "x", x)
     if bias is not None:

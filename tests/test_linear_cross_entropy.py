@@ -94,7 +94,8 @@ def reference_loss(targets, reduction, rows_per_chunk, ignore_index=IGNORE):
 @pytest.mark.parametrize("rows, hidden, vocab, rows_per_chunk", [(1, 48, 1, None), (37, 48, 101, 8), (37, 768, 257, 16)])
 def test_reference_matches_float64(rows, hidden, vocab, rows_per_chunk, dtype, reduction, generator):
     x, weight, bias, targets = make_inputs(rows, hidden, vocab, dtype, generator)
-    check_against_float64(reference_loss(targets, reduction, rows_per_chunk), x, weight, bias, targets, reduction, generator)
+    loss_fn = reference_loss(targets, reduction, rows_per_chunk)
+    check_against_float64(loss_fn, x, weight, bias, targets, reduction, generator)
 
 
 @requires_triton
@@ -103,7 +104,8 @@ def test_reference_matches_float64(rows, hidden, vocab, rows_per_chunk, dtype, r
 @pytest.mark.parametrize("rows, hidden, vocab, rows_per_chunk", [(1, 48, 1, 1), (37, 48, 101, 8), (37, 768, 257, 37)])
 def test_triton_matches_float64(rows, hidden, vocab, rows_per_chunk, dtype, reduction, generator):
     x, weight, bias, targets = make_inputs(rows, hidden, vocab, dtype, generator)
-    check_against_float64(triton_op_loss(targets, reduction, rows_per_chunk), x, weight, bias, targets, reduction, generator)
+    loss_fn = triton_op_loss(targets, reduction, rows_per_chunk)
+    check_against_float64(loss_fn, x, weight, bias, targets, reduction, generator)
 
 
 @requires_triton
@@ -197,7 +199,8 @@ def test_autocast_casts_like_f_linear(generator):
     inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = llmkernels.linear_cross_entropy(*inputs[:2], targets, inputs[2], backend="reference")
-    expected = linear_cross_entropy_reference(*(t.to(torch.bfloat16) for t in (x, weight)), targets, bias.to(torch.bfloat16))
+    x16, weight16, bias16 = (t.to(torch.bfloat16) for t in (x, weight, bias))
+    expected = linear_cross_entropy_reference(x16, weight16, targets, bias16)
     torch.testing.assert_close(loss, expected)
     assert all(g.dtype == torch.float32 for g in torch.autograd.grad(loss, inputs))
 
@@ -357,3 +360,23 @@ def test_gpu_compile_fullgraph(generator):
     torch.testing.assert_close(traced[0], eager[0])
     for a, b in zip(traced[1], eager[1]):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------ benchmark
+def test_benchmark_suite_runs_on_cpu(tmp_path):
+    """benchmarks/linear_cross_entropy.py: the suite's CPU path writes its table and plot,
+    and the memory worker measures a peak; no figure is asserted."""
+    from benchmarks import linear_cross_entropy as suite
+    from benchmarks.measure import make_timer
+
+    records = suite.run_suite("cpu", True, False, make_timer("cpu", True), tmp_path)
+    assert [r["provider"] for r in records] == list(suite.PROVIDERS)
+    for r in records:  # each is timed, failed or skipped, and says which
+        assert [r["ms"] is not None, bool(r["error"]), bool(r["skipped"])].count(True) == 1, r
+    assert all(r["ms"] for r in records if r["provider"] in ("ours:reference", "torch:eager"))
+    assert "| N512 C64 V2048 | float32 | torch:eager |" in (tmp_path / "linear_cross_entropy.md").read_text()
+    assert (tmp_path / "linear_cross_entropy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measured = suite.memory_worker("ours:reference", 256, 16, 512)
+    assert measured["peak_mib"] > 0 and measured["loss"] > 0
+    with pytest.raises(SystemExit):
+        suite.main(["--rows", "0"])

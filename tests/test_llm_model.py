@@ -96,7 +96,8 @@ def test_fused_loss_and_gradients_within_the_numerics_rule():
     for loss in losses:
         loss.backward()
     assert_close_to_reference(*losses, factor=OUTPUT_FACTOR, floor=1e-6, name="loss")
-    for (name, p_fused), p_ref, p_ref64 in zip(fused.named_parameters(), reference.parameters(), reference64.parameters()):
+    parameters = zip(fused.named_parameters(), reference.parameters(), reference64.parameters())
+    for (name, p_fused), p_ref, p_ref64 in parameters:
         floor = 1e-6 * (1 + p_ref64.grad.abs().max().item())
         assert_close_to_reference(p_fused.grad, p_ref.grad, p_ref64.grad, factor=GRAD_FACTOR, floor=floor, name=name)
 
@@ -120,9 +121,10 @@ def test_kv_cache_matches_full_forward(use_fused):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_fused_training_step_has_no_graph_break(device):
     """A training step of the fused model (llmkernels.linear_cross_entropy for the loss) with
-    its forward and loss under torch.compile(fullgraph=True) (any graph break raises) and the backward through it. On CPU the fused ops run in
-    Triton's interpreter (aot_eager traces them as opaque ops); on a GPU inductor compiles
-    the step around the kernels, in bf16 autocast as training runs it."""
+    its forward and loss under torch.compile(fullgraph=True) (any graph break raises) and
+    the backward through it. On CPU the fused ops run in Triton's interpreter (aot_eager
+    traces them as opaque ops); on a GPU inductor compiles the step around the kernels, in
+    bf16 autocast as training runs it."""
     llmkernels = pytest.importorskip("llmkernels")
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

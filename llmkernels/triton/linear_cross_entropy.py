@@ -9,7 +9,7 @@ For each chunk of rows_per_chunk rows (llmkernels.linear_cross_entropy.chunk_row
     _cross_entropy_kernel: per row, loss = lse - logits[target] (fp32) and, in place,
         logits <- scale * (softmax(logits) - onehot(target))    = d loss / d logits
     grad_x[chunk] = grad_logits @ weight                    (rows, C)   cuBLAS
-    grad_weight  += grad_logits.T @ x_chunk                 (V, C)      cuBLAS, summed in fp32
+    grad_weight  += grad_logits.T @ x_chunk                 (V, C)      cuBLAS, accumulated in fp32
     grad_bias    += column sums of grad_logits              (V,)        fp32
 
 The kernel reads each logit row twice (an online log-sum-exp, then the softmax) and writes
@@ -20,9 +20,9 @@ saves recomputing the logits in the backward; with reduction="none" each row's g
 scale is known only in the backward, which then recomputes the logits chunk by chunk.
 
 Memory (bf16, N rows, C = 768, V = 50257): one chunk of logits (about 256 MiB), the
-fp32 grad_weight accumulator (4 V C bytes) and one chunk's bf16 partial of it (2 V C), plus
-the gradients kept from the forward for the backward (grad_x, grad_weight in the input
-dtype). Eager PyTorch holds about three (N, V) tensors at its peak.
+fp32 grad_weight accumulator (4 V C bytes; on CPU also one chunk's bf16 product, 2 V C),
+grad_x, and the gradients kept from the forward for the backward (grad_x, grad_weight in
+the input dtype). Eager PyTorch holds about three (N, V) tensors at its peak.
 
 The ops are opaque custom ops even on a GPU (not triton_op): the chunk loop allocates and
 overwrites its own buffers, and tracing it into a compiled graph would let
@@ -52,7 +52,8 @@ def supports_linear_cross_entropy(
             if reason is not None:
                 return reason
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}"
+        bias_dtype = None if bias is None else bias.dtype
+        return f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, {bias_dtype}"
     if targets.device != x.device:
         return f"targets is on {targets.device}, x on {x.device}"
     return None
@@ -117,7 +118,11 @@ def _cross_entropy_kernel(
 
 
 def _cross_entropy_in_place(
-    logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, grad_scale: Optional[torch.Tensor], ignore_index: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    losses: torch.Tensor,
+    grad_scale: Optional[torch.Tensor],
+    ignore_index: int,
 ) -> None:
     """Per-row losses of one chunk into `losses`; with grad_scale (one value, or one per
     row), the chunk's logits are overwritten with their gradient."""
@@ -164,7 +169,9 @@ def _chunked(
         torch.mm(grad_logits, weight, out=grad_x[start:end])  # (rows, V) @ (V, C) -> (rows, C)
         if grad_weight.dtype == grad_logits.dtype:  # float32: accumulate inside the matmul
             grad_weight.addmm_(grad_logits.t(), x_chunk)
-        else:  # bf16/fp16: each chunk's (V, C) product rounded once, the chunks summed in fp32
+        elif grad_logits.is_cuda:  # bf16/fp16 products accumulated in fp32 inside the matmul (cuBLAS)
+            torch.addmm(grad_weight, grad_logits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
+        else:  # no mixed-precision addmm on CPU: each chunk's (V, C) product rounded once, summed in fp32
             grad_weight += grad_logits.t() @ x_chunk
         if grad_bias is not None:
             grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
@@ -249,7 +256,9 @@ def linear_cross_entropy_backward(
     _check_call("triton_linear_cross_entropy_backward", x, weight, targets, bias, reduction, rows_per_chunk)
     expected = (x.shape[0],) if reduction == "none" else ()
     if tuple(grad_loss.shape) != expected:
-        raise ValueError(f"triton_linear_cross_entropy_backward: grad_loss must have shape {expected}, got {tuple(grad_loss.shape)}")
+        raise ValueError(
+            f"triton_linear_cross_entropy_backward: grad_loss must have shape {expected}, got {tuple(grad_loss.shape)}"
+        )
     grad_scale = grad_loss.float().reshape(-1)  # (1,) or (N,)
     if reduction == "mean":
         grad_scale = grad_scale / (targets != ignore_index).sum()
