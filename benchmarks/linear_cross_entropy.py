@@ -60,7 +60,7 @@ def provider_fn(name: str, use_compile: bool = True) -> tuple[Optional[Callable]
         usable, reason = llmkernels.available_backends()[backend]
         if not usable:
             return None, reason
-        return lambda x, w, t: llmkernels.linear_cross_entropy(x, w, t, IGNORE_INDEX, backend=backend), None
+        return lambda x, w, t: llmkernels.linear_cross_entropy(x, w, t, ignore_index=IGNORE_INDEX, backend=backend), None
     if name == "torch:eager":
         return eager, None
     if name == "torch:compile":
@@ -171,7 +171,7 @@ def markdown(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
-    """Two panels: forward + backward time and peak memory, per shape and provider."""
+    """Forward + backward time and peak memory (the panels that have figures), per shape and provider."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,8 +180,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     from llm.files import atomic_output
 
     shapes = list(dict.fromkeys(r["shape"] for r in records))
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 3.5 * len(shapes)), 4))
-    for ax, key, label in ((axes[0], "ms", "fwd+bwd ms"), (axes[1], "peak_mib", "peak MiB beyond the inputs")):
+    panels = [(key, label) for key, label in (("ms", "fwd+bwd ms"), ("peak_mib", "peak MiB beyond the inputs"))
+              if any(r.get(key) for r in records)] or [("ms", "nothing measured")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4 + 4 * len(panels), 3.5 * len(shapes)), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
         providers = [p for p in PROVIDERS if any(r["provider"] == p and r.get(key) for r in records)]
         width = 0.8 / max(1, len(providers))
         for i, provider in enumerate(providers):
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
                 "error": r.get("error") and " ".join(r["error"]), "skipped": r.get("skipped")} for r in results]
     started = datetime.datetime.now(datetime.timezone.utc)
     out_dir = args.out or REPO_ROOT / "benchmarks" / "results" / f"{started:%Y-%m-%d}-cpu-linear-cross-entropy"
-    paths = write_outputs(records, out_dir, "CPU peak resident memory, fp32 (wall times are not speed figures)")
+    paths = write_outputs(records, out_dir, "CPU peak resident memory, fp32")
     for r in records:
         wall = f", {r['wall_s']:.1f} s wall" if r.get("wall_s") else ""
         print(f"{r['provider']:16s} peak {fmt(r['peak_mib'])} MiB{wall}, loss {r['loss']}"

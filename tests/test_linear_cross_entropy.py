@@ -376,7 +376,7 @@ def test_benchmark_suite_runs_on_cpu(tmp_path):
     assert all(r["ms"] for r in records if r["provider"] in ("ours:reference", "torch:eager"))
     assert "| N512 C64 V2048 | float32 | torch:eager |" in (tmp_path / "linear_cross_entropy.md").read_text()
     assert (tmp_path / "linear_cross_entropy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    measured = suite.memory_worker("ours:reference", 256, 16, 512)
-    assert measured["peak_mib"] > 0 and measured["loss"] > 0
+    measured = suite.memory_worker("torch:eager", 1024, 8, 16384)  # 64 MiB of fp32 logits, held at least once
+    assert measured["peak_mib"] >= 64 and measured["loss"] > 0
     with pytest.raises(SystemExit):
         suite.main(["--rows", "0"])
