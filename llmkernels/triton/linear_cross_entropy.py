@@ -25,7 +25,7 @@ grad_x, and the gradients kept from the forward for the backward (grad_x, grad_w
 the input dtype). Eager PyTorch holds about three (N, V) tensors at its peak.
 
 The ops are opaque custom ops even on a GPU (not triton_op): the chunk loop allocates and
-overwrites its own buffers, and tracing it into a compiled graph would let
+overwrites its own buffers, and tracing it into a compiled graph could let
 functionalization copy every chunk's logits before the kernel overwrites them; there is
 nothing around the op for the compiler to fuse with.
 """
