@@ -254,6 +254,16 @@ def test_explain_and_backend_choice(generator):
         llmkernels.linear_cross_entropy(x, weight, targets, backend="cuda")
 
 
+def test_chunks_hold_about_256_mib_of_logits():
+    from llmkernels.linear_cross_entropy import CHUNK_LOGITS_BYTES, chunk_rows
+
+    assert chunk_rows(8192, 50257, 2) == 2048  # GPT-2's head at 8 x 1024 tokens, bf16: 4 chunks
+    for rows, vocab, size in [(16384, 50257, 2), (8192, 50257, 4), (4096, 128256, 2)]:
+        step = chunk_rows(rows, vocab, size)
+        assert step % 128 == 0 and step * vocab * size <= 1.1 * CHUNK_LOGITS_BYTES
+    assert chunk_rows(37, 101, 4) == 37 and chunk_rows(1, 1, 4) == 1
+
+
 def test_empty_batch(generator):
     x, weight, bias, targets = make_inputs(0, 8, 5, torch.float32, generator)
     for backend in ["reference"] + (["triton"] if TRITON_USABLE else []):
