@@ -4,8 +4,9 @@ Shapes: B = batch, T = tokens in this call, S = tokens attended to (cache + T),
 C = n_embd, H = n_head, D = head_dim = C // H, V = vocab size (Vp when padded).
 
 With `config.use_fused` the three hot ops go through llmkernels (fused CUDA/Triton
-kernels where they run, llmkernels' own reference elsewhere); otherwise the model
-uses the plain PyTorch ops written here, its readable reference.
+kernels where they run, llmkernels' own reference elsewhere), and so does the training
+loss (LM head + cross-entropy, without the logits); otherwise the model uses the plain
+PyTorch ops written here, its readable reference.
 """
 
 from __future__ import annotations
