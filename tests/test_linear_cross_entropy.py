@@ -26,7 +26,8 @@ IGNORE = -1
 
 def make_inputs(rows, hidden, vocab, dtype, generator, device="cpu", bias=True, ignored_every=5):
     """x (rows, hidden), weight (vocab, hidden), bias (vocab,) or None, targets (rows,) with
-    every ignored_every-th target from the second on ignored. Logits of about unit scale, as in a trained LM."""
+    every ignored_every-th target from the second on ignored; logits with a spread of a few
+    units, as a trained LM head gives."""
     x = randn((rows, hidden), dtype, generator, device)
     weight = randn((vocab, hidden), dtype, generator, device, scale=hidden**-0.5 * 2)
     b = randn((vocab,), dtype, generator, device) if bias else None
