@@ -60,7 +60,11 @@ def provider_fn(name: str, use_compile: bool = True) -> tuple[Optional[Callable]
         usable, reason = llmkernels.available_backends()[backend]
         if not usable:
             return None, reason
-        return lambda x, w, t: llmkernels.linear_cross_entropy(x, w, t, ignore_index=IGNORE_INDEX, backend=backend), None
+
+        def ours(x, weight, targets):
+            return llmkernels.linear_cross_entropy(x, weight, targets, ignore_index=IGNORE_INDEX, backend=backend)
+
+        return ours, None
     if name == "torch:eager":
         return eager, None
     if name == "torch:compile":

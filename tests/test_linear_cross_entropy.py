@@ -92,7 +92,9 @@ def reference_loss(targets, reduction, rows_per_chunk, ignore_index=IGNORE):
 # ------------------------------------------------------------------------------ CPU lane
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows, hidden, vocab, rows_per_chunk", [(1, 48, 1, None), (37, 48, 101, 8), (37, 768, 257, 16)])
+@pytest.mark.parametrize(
+    "rows, hidden, vocab, rows_per_chunk", [(1, 48, 1, None), (37, 48, 101, 8), (37, 768, 257, 16)]
+)
 def test_reference_matches_float64(rows, hidden, vocab, rows_per_chunk, dtype, reduction, generator):
     x, weight, bias, targets = make_inputs(rows, hidden, vocab, dtype, generator)
     loss_fn = reference_loss(targets, reduction, rows_per_chunk)
