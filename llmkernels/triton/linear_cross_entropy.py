@@ -163,18 +163,19 @@ def _chunked(
             logits = torch.addmm(bias, x_chunk, weight.t())  # bias + x_chunk @ weight.T
         chunk_scale = grad_scale if grad_scale is None or grad_scale.numel() == 1 else grad_scale[start:end]
         _cross_entropy_in_place(logits, targets[start:end], losses[start:end], chunk_scale, ignore_index)
-        if grad_scale is None:
-            continue
-        grad_logits = logits  # overwritten in place by the kernel
-        torch.mm(grad_logits, weight, out=grad_x[start:end])  # (rows, V) @ (V, C) -> (rows, C)
-        if grad_weight.dtype == grad_logits.dtype:  # float32: accumulate inside the matmul
-            grad_weight.addmm_(grad_logits.t(), x_chunk)
-        elif grad_logits.is_cuda:  # bf16/fp16 products accumulated in fp32 inside the matmul (cuBLAS)
-            torch.addmm(grad_weight, grad_logits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
-        else:  # no mixed-precision addmm on CPU: each chunk's (V, C) product rounded once, summed in fp32
-            grad_weight += grad_logits.t() @ x_chunk
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+        if grad_scale is not None:
+            grad_logits = logits  # overwritten in place by the kernel
+            torch.mm(grad_logits, weight, out=grad_x[start:end])  # (rows, V) @ (V, C) -> (rows, C)
+            if grad_weight.dtype == grad_logits.dtype:  # float32: accumulate inside the matmul
+                grad_weight.addmm_(grad_logits.t(), x_chunk)
+            elif grad_logits.is_cuda:  # bf16/fp16 products accumulated in fp32 inside the matmul (cuBLAS)
+                torch.addmm(grad_weight, grad_logits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
+            else:  # no mixed-precision addmm on CPU: each chunk's (V, C) product rounded once, summed in fp32
+                grad_weight += grad_logits.t() @ x_chunk
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+            del grad_logits
+        del logits  # free this chunk before the next one is allocated: one chunk alive at a time
     if grad_scale is not None:
         grad_weight = grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
