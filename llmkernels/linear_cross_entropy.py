@@ -94,6 +94,10 @@ def _register_autograd(backend: str) -> None:
     def setup_context(ctx, inputs, output):
         x, weight, targets, bias, ignore_index, reduction, rows_per_chunk, compute_grad = inputs
         _, grad_x, grad_weight, grad_bias = output
+        # The gradient outputs carry no gradient; without this autograd would hand the
+        # backward zero-filled (N, C) and (V, C) tensors for them (measured: +171 MiB fp32).
+        ctx.mark_non_differentiable(grad_x, grad_weight, grad_bias)
+        ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
         # A reduced loss's gradients came with the forward (for d loss = 1): scale them.
         # Otherwise ("none", or a forward without them) the backward recomputes them.
