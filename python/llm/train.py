@@ -47,7 +47,7 @@ class TrainConfig:
     init_from: str | None = None  # fine-tune: a checkpoint (.pt) or a Hugging Face GPT-2 folder
     context_length: int | None = None  # None = the preset's (or the initial model's); shorter crops
     dropout: float | None = None  # None = the preset's
-    use_fused: bool = False  # attention, LayerNorm, GELU through llmkernels
+    use_fused: bool = False  # attention, LayerNorm, GELU and the loss through llmkernels
     compile: bool = False  # torch.compile the model
     # data
     data: list[str] = field(default_factory=list)  # files / globs / folders; empty = built-in Shakespeare
@@ -400,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--out-dir", default=defaults.out_dir)
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
     parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
+    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU and the LM-head loss via llmkernels")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     parser.add_argument("--init-from", default=None, help="start from a checkpoint or a GPT-2 folder")
