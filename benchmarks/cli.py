@@ -1,4 +1,4 @@
-"""python -m benchmarks [attention|layernorm|gelu|e2e|all] [--quick|--headline] [--out DIR] ...
+"""python -m benchmarks [attention|layernorm|gelu|linear_cross_entropy|e2e|all] [--quick|--headline] [--out DIR] ...
 
 Measures the device ceilings, then every case of the chosen suites against the baselines,
 in one process, then the ceilings again (the higher of each is kept), and writes
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from . import e2e, kernels, report
+from . import e2e, kernels, linear_cross_entropy, report
 from .measure import REPO_ROOT, device_slug, environment, keep_best_ceilings, make_timer, measure_ceilings, warm_up_clocks
 
 # One entry per suite: its name on the command line -> the ops it times (kernels.SUITE_OPS),
+# linear_cross_entropy (its own time and peak-memory suite, benchmarks/linear_cross_entropy.py),
 # or the end-to-end training steps.
-SUITES = tuple(kernels.SUITE_OPS) + ("e2e",)
+SUITES = tuple(kernels.SUITE_OPS) + ("linear_cross_entropy", "e2e")
 CHECKPOINT_S = 30.0
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 NOTES = [
@@ -134,6 +135,8 @@ def plan(suites: list[str], device: str, quick: bool, use_compile: bool,
         if suite == "e2e":
             items += [(0.5 if item["mode"] == "eager" else 0.7, "e2e", item)
                       for item in e2e.plan(device, quick or headline, use_compile)]
+            continue
+        if suite == "linear_cross_entropy":  # runs after these items: linear_cross_entropy.run_suite
             continue
         cases = kernels.cases_for(suite, device, quick, headline)
         for case in cases:
@@ -251,6 +254,11 @@ def main(argv=None) -> int:
         for name, c in run["ceilings"].items():
             print(f"ceiling {name}: {report.fmt(c['value'])} {c['unit']} ({c['what']})", flush=True)
         run_items(args, run, device, use_compile, timer, done_kernels, done_steps, out_dir, t0)
+        if "linear_cross_entropy" in args.suites:
+            budget_left = None if args.time_budget is None else args.time_budget - (time.monotonic() - t0)
+            run["linear_cross_entropy"] = linear_cross_entropy.run_suite(
+                device, args.quick or args.headline, use_compile, timer, time_budget_s=budget_left)
+            run["extra_markdown"] = [linear_cross_entropy.markdown(run["linear_cross_entropy"])]
         run["ceilings"] = keep_best_ceilings(run["ceilings"], measure_ceilings(device, timer))
     except KeyboardInterrupt as stop:
         run["interrupted"] = f"interrupted ({stop or 'Ctrl-C'}) after {time.monotonic() - t0:.0f} s"

@@ -225,6 +225,8 @@ def full_markdown(run: dict) -> str:
         table = suite_markdown(run["records"], op, ceilings)
         if table:
             lines += [table, ""]
+    for section in run.get("extra_markdown", []):  # suites with their own tables (linear_cross_entropy)
+        lines += [section, ""]
     lines += ["## Anchors (method check)", "", anchors_markdown(run.get("anchors", {})), ""]
     if run.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in run["notes"]] + [""]

@@ -10,6 +10,8 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # What the fused GELU/LayerNorm kernels (CUDA and Triton) and the Triton attention take.
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The loss reductions of F.cross_entropy, which linear_cross_entropy and its backends take.
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_tensor(name: str, value, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> None:

@@ -28,6 +28,7 @@ def randn(*shape):
 class OpCase:
     name: str
     valid: Callable[[], dict]
+    index_tensors: tuple = ()  # integer tensors (class indices): a floating dtype is what is invalid there
 
 
 OPS = [
@@ -36,6 +37,9 @@ OPS = [
     OpCase("layer_norm", lambda: dict(x=randn(3, 8), weight=randn(8), bias=randn(8), eps=1e-5)),
     OpCase("add_layer_norm", lambda: dict(x=randn(3, 8), residual=randn(3, 8), weight=randn(8), bias=randn(8),
                                           eps=1e-5)),  # fmt: skip
+    OpCase("linear_cross_entropy", lambda: dict(x=randn(3, 8), weight=randn(5, 8), targets=torch.tensor([0, 4, 2]),
+                                                bias=randn(5), ignore_index=-1, reduction="mean"),
+           index_tensors=("targets",)),  # fmt: skip
     OpCase("gelu", lambda: dict(x=randn(3, 8), approximate="tanh")),
     OpCase("bias_gelu", lambda: dict(x=randn(3, 8), bias=randn(8))),
 ]
@@ -45,11 +49,15 @@ NOT_A_BOOL = st.one_of(st.text(max_size=5), st.integers(), st.floats(), st.none(
 NOT_A_TENSOR = st.one_of(st.floats(), st.text(max_size=5), st.lists(st.floats(), max_size=3))
 
 
-def mutations(kwargs: dict):
+def mutations(kwargs: dict, index_tensors: tuple = ()):
     """A strategy of (argument name, invalid value) over the op's arguments."""
-    tensors = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    all_tensors = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    choices = [st.tuples(st.sampled_from(all_tensors), NOT_A_TENSOR)]
+    for name in index_tensors:
+        choices.append(st.sampled_from([torch.float32, torch.int32, torch.bool]).map(
+            lambda dtype, name=name: (name, kwargs[name].to(dtype))))
+    tensors = [name for name in all_tensors if name not in index_tensors]
     others = tensors[1:]  # checked against the first tensor (q, x)
-    choices = [st.tuples(st.sampled_from(tensors), NOT_A_TENSOR)]
     choices.append(
         st.tuples(st.sampled_from(tensors), st.sampled_from([torch.int32, torch.int64, torch.bool])).map(
             lambda pair: (pair[0], kwargs[pair[0]].to(pair[1]))
@@ -69,6 +77,8 @@ def mutations(kwargs: dict):
             choices.append(st.tuples(st.just(name), NOT_A_BOOL))
         elif isinstance(value, float):
             choices.append(st.tuples(st.just(name), NOT_A_NUMBER))
+        elif isinstance(value, int):
+            choices.append(st.tuples(st.just(name), st.sampled_from([1.5, "1", None, True])))
         elif isinstance(value, str):
             choices.append(st.tuples(st.just(name), st.text(max_size=6).map(lambda text: "not-" + text)))
     choices.append(st.tuples(st.just("backend"), st.text(max_size=6).map(lambda text: "not-" + text)))
@@ -86,7 +96,7 @@ def test_invalid_arguments_are_refused_naming_them(case, data):
     kwargs = case.valid()
     op = getattr(llmkernels, case.name)
     op(**kwargs)  # the starting point is valid
-    name, bad = data.draw(mutations(kwargs), label="argument, value")
+    name, bad = data.draw(mutations(kwargs, case.index_tensors), label="argument, value")
     kwargs[name] = bad
     with pytest.raises((TypeError, ValueError)) as refused:
         op(**kwargs)

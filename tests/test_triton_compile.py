@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import llmkernels.triton as common
-from llmkernels.triton import attention, gelu, layer_norm
+from llmkernels.triton import attention, gelu, layer_norm, linear_cross_entropy
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -95,6 +95,11 @@ for label, kernel, constants in [
     ("bias_gelu backward", gelu._bias_gelu_backward_kernel, {"BLOCK_M": 4, "BLOCK_N": 512}),
 ]:
     results[label] = compile_kernel(kernel, elementwise_types, constants, gelu.NUM_WARPS, 3)
+ce_types = {"ptr": "bf16", "targets_ptr": "*i64", "losses_ptr": "*fp32", "grad_scale_ptr": "*fp32"}
+for compute_grad in (True, False):
+    results[f"cross_entropy grad={compute_grad}"] = compile_kernel(
+        linear_cross_entropy._cross_entropy_kernel, ce_types,
+        {"COMPUTE_GRAD": compute_grad, "BLOCK_V": linear_cross_entropy.MAX_BLOCK_V}, linear_cross_entropy.NUM_WARPS, 3)
 print(json.dumps(results))
 '''
 

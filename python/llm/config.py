@@ -20,8 +20,9 @@ class GPTConfig:
     # matmul-friendly shapes); the extra logits are sliced off, so they never
     # reach the loss or the sampler. 1 = no padding (exact GPT-2 parameter count).
     vocab_pad_multiple: int = 1
-    # Route attention, LayerNorm and GELU through llmkernels (fused CUDA/Triton
-    # kernels where they run, llmkernels' reference ops elsewhere).
+    # Route attention, LayerNorm, GELU and the training loss (LM head + cross-entropy)
+    # through llmkernels (fused CUDA/Triton kernels where they run, llmkernels'
+    # reference ops elsewhere).
     use_fused: bool = False
 
     def __post_init__(self) -> None:

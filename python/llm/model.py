@@ -4,9 +4,10 @@ Shapes: B = batch, T = tokens in this call, S = tokens attended to (cache + T),
 C = n_embd, H = n_head, D = head_dim = C // H, V = vocab size (Vp when padded).
 
 With `config.use_fused` the hot ops go through llmkernels (fused CUDA/Triton kernels
-where they run, llmkernels' own reference elsewhere): attention, bias + GELU, and each
-residual add together with the LayerNorm after it (see GPT._blocks_and_final_norm);
-otherwise the model uses the plain PyTorch ops written here, its readable reference.
+where they run, llmkernels' own reference elsewhere): attention, bias + GELU, each
+residual add together with the LayerNorm after it (see GPT._blocks_and_final_norm), and
+the training loss (LM head + cross-entropy, without the logits); otherwise the model uses
+the plain PyTorch ops written here, its readable reference.
 """
 
 from __future__ import annotations
@@ -262,12 +263,25 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) and, given targets (B, T),
-        the mean cross-entropy (targets == -1 are ignored). With a KVCache, idx holds only
-        the new tokens; they are placed after the cached ones."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss). With a KVCache, idx holds only the new
+        tokens; they are placed after the cached ones.
+
+        Without targets: logits (B, T, vocab_size), loss None (generation).
+        With targets (B, T): loss is the mean cross-entropy (targets == -1 are ignored), and
+        logits are (B, T, vocab_size), except with config.use_fused, where the loss comes
+        from llmkernels.linear_cross_entropy, which never forms the (B*T, V) logits, and
+        logits is None (training and evaluation need only the loss)."""
         B, T = idx.shape
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
+        if targets is not None and self.config.use_fused:
+            loss = _llmkernels().linear_cross_entropy(
+                x.reshape(B * T, -1),  # (B, T, C) -> (B*T, C)
+                self.lm_head.weight[: self.config.vocab_size],  # (V, C): the tied weight without its padding rows
+                targets.reshape(B * T),  # (B, T) -> (B*T,)
+                ignore_index=-1,
+            )
+            return None, loss
         logits = self.lm_head(x)  # (B, T, C) -> (B, T, Vp)
         logits = logits[..., : self.config.vocab_size]  # drop padding rows: (B, T, Vp) -> (B, T, V)
 

@@ -59,7 +59,7 @@ class TrainConfig:
     init_from: str | None = None  # fine-tune: a checkpoint (.pt) or a Hugging Face GPT-2 folder
     context_length: int | None = None  # None = the preset's (or the initial model's); shorter crops
     dropout: float | None = None  # None = the preset's
-    use_fused: bool = False  # attention, LayerNorm, GELU through llmkernels
+    use_fused: bool = False  # attention, LayerNorm, GELU and the loss through llmkernels
     compile: bool = False  # torch.compile the model
     # data
     data: list[str] = field(default_factory=list)  # files / globs / folders; empty = built-in Shakespeare
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='"gpt2", "bpe:N" (learn N tokens on the data) or a saved tokenizer file')
     parser.add_argument("--out-dir", default=defaults.out_dir, help="where ckpt.pt and loss.png go")
     parser.add_argument("--device", type=device_name, default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
+    parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU and the LM-head loss via llmkernels")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt where it stopped")
