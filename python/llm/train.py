@@ -26,7 +26,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import tiktoken
 import torch
@@ -44,9 +43,6 @@ from llm.interrupts import StopRequests, TrainingInterrupted, exit_interrupted
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
 from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
-
-if TYPE_CHECKING:
-    from llm.finetune.config import FinetuneConfig
 
 DEFAULT_PRESET = "tiny"
 # Tiny models spend most of their time in the (vocabulary x width) LM head, so the tiny
@@ -185,8 +181,9 @@ def check_context_length(cfg: TrainConfig, supported: int, source: str) -> None:
         )
 
 
-def check_existing_checkpoint(cfg: TrainConfig | FinetuneConfig, path: Path) -> None:
-    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it."""
+def check_existing_checkpoint(cfg, path: Path) -> None:
+    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it.
+    cfg: anything with .resume and .overwrite (TrainConfig, llm-finetune's config or its parsed options)."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
     if cfg.resume and not path.exists():
