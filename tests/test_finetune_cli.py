@@ -1,12 +1,15 @@
-"""llm-finetune end to end at tiny size on CPU, for every task; exact resume of a fine-tune;
-llm-train refusing to resume one; one-line errors for bad input."""
+"""llm-finetune end to end at tiny size on CPU, for every task; exact resume of a fine-tune,
+also after SIGINT / SIGTERM; an existing checkpoint replaced only when asked; llm-train
+refusing to resume one; one-line errors for bad input."""
 
 import json
 import re
+import signal
 
 import pytest
 import torch
 from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
+from test_llm_train import signal_during_step
 
 from llm.checkpoint import load_checkpoint, model_from_checkpoint
 from llm.finetune import FinetuneConfig, finetune
@@ -62,19 +65,37 @@ def test_instruct_and_lm_end_to_end(files, tmp_path):
     assert report["after"]["val"]["perplexity"] > 1
 
 
-def test_resume_continues_the_fine_tune_exactly(files, tmp_path, capsys):
-    options = ("--task", "classify", "--data", str(files / "sms.tsv"), "--lora-rank", "2", "--dropout", "0.1")
-    straight = run(files, tmp_path / "straight", *options)
+# A classifier with LoRA and dropout, so the resumed run must restore the RNG, the data position,
+# the optimizer, the adapters and the head to match.
+RESUMABLE = ("--task", "classify", "--data", "sms.tsv", "--lora-rank", "2", "--dropout", "0.1")
+
+
+def resumable(files):
+    return [str(files / o) if o == "sms.tsv" else o for o in RESUMABLE]
+
+
+@pytest.fixture(scope="module")
+def straight(files, tmp_path_factory):
+    """The final checkpoint of an uninterrupted 4-step fine-tune (evaluations at steps 2 and 4)."""
+    return run(files, tmp_path_factory.mktemp("straight"), *resumable(files))
+
+
+def assert_same_fine_tune(resumed, straight):
+    assert resumed["step"] == 4 and resumed["history"] == straight["history"]  # bit-identical losses
+    for key in straight["model"]:
+        assert torch.equal(resumed["model"][key], straight["model"][key]), key
+    assert torch.equal(resumed["classifier"]["head"]["weight"], straight["classifier"]["head"]["weight"])
+
+
+def test_resume_continues_the_fine_tune_exactly(files, tmp_path, capsys, straight):
+    options = resumable(files)
     finetune_main([*options, "--init-from", str(files / "base.pt"), "--out-dir", str(tmp_path / "resumed"),
                    "--device", "cpu", "--no-progress", "--batch-size", "4", "--max-steps", "2", "--eval-interval", "2",
                    "--warmup-steps", "1", "--lr", "1e-3"])  # fmt: skip
     finetune_main(["--resume", "--out-dir", str(tmp_path / "resumed"), "--max-steps", "4", "--no-progress"])
     resumed = load_checkpoint(tmp_path / "resumed/ckpt.pt")
-    assert resumed["step"] == 4 and resumed["finetune_config"]["data"] == [str(files / "sms.tsv")]
-    assert resumed["history"] == straight["history"]
-    for key in straight["model"]:
-        assert torch.equal(resumed["model"][key], straight["model"][key]), key
-    assert torch.equal(resumed["classifier"]["head"]["weight"], straight["classifier"]["head"]["weight"])
+    assert resumed["finetune_config"]["data"] == [str(files / "sms.tsv")]
+    assert_same_fine_tune(resumed, straight)
 
     # A fine-tune's settings stay: changing them on --resume is refused, and llm-train refuses it.
     with pytest.raises(SystemExit) as exit_info:
@@ -97,7 +118,9 @@ def test_resume_continues_the_fine_tune_exactly(files, tmp_path, capsys):
         (["--trainable-blocks", "some"], "argument --trainable-blocks: expected an integer >= 0, got 'some'"),
         (["--trainable-blocks", "3"], r"--trainable-blocks must be in \[0, 2\] or 'all', got 3"),
         (["--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
-        (["--resume"], "checkpoint not found"),
+        (["--resume"], r"--resume: no checkpoint at .*out/ckpt.pt"),
+        (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+        (["--progress", "sometimes"], "argument --progress: invalid choice: 'sometimes'"),
     ],
 )
 def test_bad_input_is_one_line(files, tmp_path, capsys, options, message):
@@ -109,6 +132,51 @@ def test_bad_input_is_one_line(files, tmp_path, capsys, options, message):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("llm-finetune: error: ") and re.search(message, error), error
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resuming_matches_an_uninterrupted_fine_tune(
+    files, tmp_path, monkeypatch, capsys, straight, signum
+):
+    out = tmp_path / "out"
+    signal_during_step(monkeypatch, 3, signum)  # between the evaluations at steps 2 and 4
+    with pytest.raises(SystemExit) as stopped:
+        finetune_main(["--init-from", str(files / "base.pt"), "--out-dir", str(out), "--device", "cpu",
+                       "--batch-size", "4", "--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1",
+                       "--lr", "1e-3", *resumable(files)])  # fmt: skip
+    assert stopped.value.code == 128 + signum
+    captured = capsys.readouterr()
+    assert "step 2: val loss" in captured.out  # evaluation lines print without a bar (stderr is no terminal)
+    message = captured.err.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert message == (
+        f"llm-finetune: interrupted by {signal.Signals(signum).name} at step 3; checkpoint saved to {out / 'ckpt.pt'}; "
+        f"continue with: llm-finetune --resume --out-dir {out}"
+    )
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert not list(out.glob(".*tmp"))  # written atomically
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    monkeypatch.undo()
+    finetune_main(["--resume", "--out-dir", str(out)])  # the printed command, --progress auto
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "step 4: val loss" in captured.out
+    assert_same_fine_tune(load_checkpoint(out / "ckpt.pt"), straight)
+
+
+def test_an_existing_checkpoint_is_replaced_only_when_asked(files, tmp_path, capsys):
+    (tmp_path / "ckpt.pt").write_bytes(b"a step-1300 checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        run(files, tmp_path, "--task", "classify", "--data", str(files / "sms.tsv"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"llm-finetune: error: {tmp_path / 'ckpt.pt'} already exists; pass --resume to continue it, "
+        f"--overwrite to replace it, or another --out-dir\n"
+    )
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"a step-1300 checkpoint"
+    checkpoint = run(files, tmp_path, "--task", "classify", "--data", str(files / "sms.tsv"), "--overwrite",
+                     "--max-steps", "1", "--progress", "on")  # fmt: skip
+    assert checkpoint["step"] == 1 and "\r" in capsys.readouterr().err  # --progress on: the bar draws anyway
 
 
 def test_lm_fine_tune_of_gpt2_weights(files, tmp_path):

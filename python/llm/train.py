@@ -39,7 +39,7 @@ from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
 from llm.files import atomic_output
 from llm.generate import complete
-from llm.interrupts import StopRequests
+from llm.interrupts import StopRequests, TrainingInterrupted, exit_interrupted
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
 from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
@@ -122,6 +122,20 @@ NUMERIC_SETTINGS = {
 }
 # What fixes the model and its tokens: a resumed run takes these from its checkpoint.
 RESUMED_SETTINGS = ("preset", "context_length", "tokenizer", "init_from")
+# --progress (llm-train and llm-finetune): the tqdm bar; None = only when stderr is a terminal,
+# so redirected logs get no carriage-return frames. Evaluation lines print either way.
+PROGRESS_SETTINGS = {"auto": None, "on": True, "off": False}
+
+
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=list(PROGRESS_SETTINGS), default="auto",
+                        help="the progress bar: auto = only on a terminal (evaluations always print)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const="off", help="--progress off")
+
+
+def shows_bar(progress: bool | None) -> bool:
+    """Whether the progress bar draws, for a PROGRESS_SETTINGS value."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 def option(name: str) -> str:
@@ -167,8 +181,9 @@ def check_context_length(cfg: TrainConfig, supported: int, source: str) -> None:
         )
 
 
-def check_existing_checkpoint(cfg: TrainConfig, path: Path) -> None:
-    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it."""
+def check_existing_checkpoint(cfg, path: Path) -> None:
+    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it.
+    cfg: anything with .resume and .overwrite (TrainConfig, llm-finetune's config or its parsed options)."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
     if cfg.resume and not path.exists():
@@ -204,17 +219,6 @@ def resumed_config(cfg: TrainConfig, checkpoint: dict, path: Path) -> TrainConfi
             )
         settings[name] = saved
     return dataclasses.replace(cfg, **settings)
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped training; a checkpoint at `step` was saved to `path`."""
-
-    def __init__(self, signum: int, step: int, path: Path):
-        self.signum, self.step, self.path = signum, step, path
-        super().__init__(
-            f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}; "
-            f"resume=True continues it"
-        )
 
 
 def build_optimizer(
@@ -312,7 +316,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.cuda.set_device(device)
     # Evaluation lines and samples always print (rank 0); the bar only on a terminal or if asked.
     log = tqdm.write if ddp.is_main else (lambda *_: None)
-    show_bar = ddp.is_main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
+    show_bar = ddp.is_main and shows_bar(cfg.progress)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model, tokenizer = main_process_first(ddp, lambda: build_model(cfg, resume_from))
@@ -529,15 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(option(name), type=kind, default=default, metavar="N" if kind.kind is int else "X",
                             help=f"{kind.expected}; default {default}")
     parser.add_argument("--sample-prompt", default=defaults.sample_prompt, help="text the samples continue")
-    parser.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                        help="the progress bar: auto = only on a terminal (evaluations always print)")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const="off", help="--progress off")
+    add_progress_options(parser)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
-    args["progress"] = {"auto": None, "on": True, "off": False}[args["progress"]]
+    args["progress"] = PROGRESS_SETTINGS[args["progress"]]
     return TrainConfig(**args)
 
 
@@ -562,13 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         history = train(cfg)
     except TrainingInterrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(
-                f"llm-train: interrupted by {signal.Signals(stop.signum).name} at step {stop.step}; checkpoint saved "
-                f"to {stop.path}; continue with: {resume_command(argv)}",
-                file=sys.stderr,
-            )
-        raise SystemExit(128 + stop.signum) from None  # the shell's convention for "killed by signal N"
+        exit_interrupted("llm-train", stop, resume_command(argv))
     if int(os.environ.get("RANK", "0")) == 0:
         first, last = history["val_loss"][0][1], history["val_loss"][-1][1]
         print(f"validation loss {first:.3f} -> {last:.3f}; checkpoint and loss.png in {cfg.out_dir}")

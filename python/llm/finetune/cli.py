@@ -6,22 +6,31 @@
     llm-finetune --task instruct --init-from ./gpt2 --data alpaca.json
     llm-finetune --task lm --init-from ./gpt2 --data 'notes/*.txt'
     llm-finetune --resume --out-dir out-finetune --max-steps 400          # continue that fine-tune
+    llm-finetune --overwrite --task lm --init-from out/ckpt.pt            # start over in out-finetune
 
 Data: classify reads CSV/TSV (label, text) files, instruct reads JSON/JSONL records
 (instruction, input, output), lm reads text files; without --data each task uses its
 built-in Shakespeare dataset (shakespeare-genre, shakespeare-play, shakespeare-instruct).
 Writes OUT_DIR/ckpt.pt (LoRA merged in; every command loads it), adapters/ (LoRA runs),
 loss.png and the before/after report (report.md, report.json, confusion.png, answers.json).
+
+An existing OUT_DIR/ckpt.pt is never replaced unless --overwrite says so. Ctrl-C (SIGINT) or
+SIGTERM saves a checkpoint at the end of the current step and prints the command that
+resumes it; the resumed fine-tune matches an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 from llm.checkpoint import TASKS, load_checkpoint
 from llm.cli import command, float_in, int_in, new_parser
 from llm.finetune.config import ALL_BLOCKS, DTYPES, FinetuneConfig
 from llm.finetune.loop import finetune
+from llm.interrupts import TrainingInterrupted, exit_interrupted
+from llm.train import PROGRESS_SETTINGS, add_progress_options, check_existing_checkpoint
 
 PROG = "llm-finetune"
 # What may change when resuming; everything else continues as the fine-tune started.
@@ -42,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="+", default=[], help="data files, or a built-in dataset name")
     parser.add_argument("--data-dir", default=d.data_dir, help="token cache (lm task)")
     parser.add_argument("--out-dir", default=d.out_dir)
-    parser.add_argument("--resume", action="store_true", help="continue the fine-tune in OUT_DIR")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the fine-tune in OUT_DIR")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
     parser.add_argument("--val-fraction", type=float_in(0, 1, max_open=True), default=d.val_fraction)
     parser.add_argument("--test-fraction", type=float_in(0, 1, max_open=True), default=d.test_fraction)
     parser.add_argument("--context-length", type=int_in(1), default=None, help="default: the model's")
@@ -73,33 +84,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-tokens", type=int_in(1), default=d.answer_tokens)
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_options(parser)
     return parser
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
-    options = vars(args)
+    options = {**vars(args), "progress": PROGRESS_SETTINGS[args.progress]}
     if not args.resume:
         return FinetuneConfig(**options)
-    checkpoint = load_checkpoint(f"{args.out_dir}/ckpt.pt")
+    path = Path(args.out_dir) / "ckpt.pt"
+    check_existing_checkpoint(args, path)
+    checkpoint = load_checkpoint(path)
     if "finetune_config" not in checkpoint:
         raise ValueError(f"{args.out_dir}/ckpt.pt was not written by llm-finetune; continue it with llm-train --resume")
-    fixed = sorted(name for name, value in options.items()
+    fixed = sorted(name for name, value in vars(args).items()
                    if name not in RESUME_OPTIONS + ("resume",) and value != parser.get_default(name))  # fmt: skip
     if fixed:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise ValueError(f"{flags}: cannot change when resuming; the fine-tune continues with its saved settings "
                          f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_OPTIONS)} may change)")
     saved = checkpoint["finetune_config"]
-    given = {name: options[name] for name in RESUME_OPTIONS if options[name] != parser.get_default(name)}
-    return FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True})
+    given = {name: options[name] for name in RESUME_OPTIONS if getattr(args, name) != parser.get_default(name)}
+    # The bar is this invocation's choice, not the saved run's; a resumed run replaces nothing.
+    return FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
+                             "progress": options["progress"]})  # fmt: skip
+
+
+def resume_command(out_dir: str) -> str:
+    """The command that continues an interrupted fine-tune: its checkpoint holds every setting."""
+    return shlex.join([PROG, "--resume", "--out-dir", out_dir])
 
 
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cfg = config_from_args(parser, parser.parse_args(argv))
-    result = finetune(cfg)
+    try:
+        result = finetune(cfg)
+    except TrainingInterrupted as stop:
+        exit_interrupted(PROG, stop, resume_command(cfg.out_dir))
     history = result["history"]["val_loss"]
     print(result["table"])
     print(f"validation loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; checkpoint and report in {cfg.out_dir}")

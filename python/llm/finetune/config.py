@@ -49,20 +49,23 @@ class FinetuneConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # bookkeeping
-    resume: bool = False
+    resume: bool = False  # continue out_dir/ckpt.pt
+    overwrite: bool = False  # replace an existing out_dir/ckpt.pt with a new fine-tune
     eval_interval: int = 50
     eval_batches: int = 8  # lm task: validation windows = eval_batches * batch_size
     answer_count: int = 30  # instruct: held-out prompts answered in the report
     answer_tokens: int = 48
     device: str = "auto"
     seed: int = 1337
-    progress: bool = True
+    progress: bool | None = None  # the tqdm bar; None = only when stderr is a terminal
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("pass --resume (continue the checkpoint) or --overwrite (replace it), not both")
         if self.init_from is None and not self.resume:
             raise ValueError("--init-from is required: the checkpoint or GPT-2 folder to fine-tune")
         if self.min_lr is None:

@@ -28,10 +28,14 @@ from llm.finetune.config import ALL_BLOCKS, FinetuneConfig
 from llm.finetune.lora import TARGET_MODULES, adapter_state, add_lora, load_adapter_state, merged_copy, save_adapters
 from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
+from llm.interrupts import StopRequests, TrainingInterrupted
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, resolve_device
 from llm.tokenizer import tokenizer_to_dict
-from llm.train import _gather_rng, _restore_rng, build_model, build_optimizer, learning_rate, save_loss_curve
+from llm.train import (
+    _gather_rng, _restore_rng, build_model, build_optimizer, check_existing_checkpoint, learning_rate,
+    save_loss_curve, shows_bar,
+)  # fmt: skip
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -58,14 +62,16 @@ def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run (or resume) a fine-tune; returns {"history", "report": {"before", "after"}, "table"}."""
+    """Run (or resume) a fine-tune; returns {"history", "report": {"before", "after"}, "table"}.
+    Raises TrainingInterrupted (after saving a checkpoint) on SIGINT / SIGTERM."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("llm-finetune runs in one process, not under torchrun; for plain text on many GPUs "
                          "use torchrun -m llm.train --init-from CHECKPOINT")
     device = resolve_device(cfg.device)
-    log = tqdm.write if cfg.progress else (lambda *_: None)
+    log = tqdm.write  # evaluation lines always print; the bar only on a terminal or if asked
     out_dir = Path(cfg.out_dir)
     checkpoint_path = out_dir / "ckpt.pt"
+    check_existing_checkpoint(cfg, checkpoint_path)
     resume_from = load_checkpoint(checkpoint_path) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)
@@ -144,33 +150,40 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     train_model = torch.compile(model) if cfg.compile else model
     model.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, dynamic_ncols=True)
-    while step < cfg.max_steps:
-        started = time.perf_counter()
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum_steps):
-            batch = loader.next_batch(device)
-            with autocast:
-                loss = task.loss(train_model, batch) / cfg.grad_accum_steps
-            loss.backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history["train_loss"].append(step_loss.item())
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", lr=f"{lr:.1e}",
-                        s_per_step=f"{time.perf_counter() - started:.2f}")  # fmt: skip
-        bar.update(1)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            val = task.metrics(model, "val", device, autocast)
-            history["val_loss"].append([step, val["loss"]])
-            log(f"step {step}: val loss {val['loss']:.4f}" + (f", accuracy {val['accuracy']:.1%}" if "accuracy" in val else ""))
-            save()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not shows_bar(cfg.progress), dynamic_ncols=True)
+    with StopRequests() as stop:
+        while step < cfg.max_steps:
+            started = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum_steps):
+                batch = loader.next_batch(device)
+                with autocast:
+                    loss = task.loss(train_model, batch) / cfg.grad_accum_steps
+                loss.backward()
+                step_loss += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history["train_loss"].append(step_loss.item())
+            bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", lr=f"{lr:.1e}",
+                            s_per_step=f"{time.perf_counter() - started:.2f}")  # fmt: skip
+            bar.update(1)
+            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if evaluated:
+                val = task.metrics(model, "val", device, autocast)
+                history["val_loss"].append([step, val["loss"]])
+                log(f"step {step}: val loss {val['loss']:.4f}" + (f", accuracy {val['accuracy']:.1%}" if "accuracy" in val else ""))
+                save()
+            if stop.received is not None:  # even at the last step: the report can take minutes
+                if not evaluated:
+                    save()
+                bar.close()
+                raise TrainingInterrupted(stop.received, step, checkpoint_path)
     bar.close()
 
     after = task.report(model, tokenizer, device, autocast)
