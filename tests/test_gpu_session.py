@@ -48,7 +48,9 @@ def test_cpu_rehearsal_runs_every_stage_and_survives_a_capped_stage(tmp_path):
     bench = out / "bench"
     run = json.loads((bench / "results.json").read_text())
     assert "--headline" in run["extends"]["command"] and "--extend" in run["command"]
-    assert {r["op"] for r in run["records"]} == {"attention", "layer_norm", "gelu", "bias_gelu"}
+    assert {r["op"] for r in run["records"]} == {"attention", "layer_norm", "add_layer_norm", "gelu", "bias_gelu"}
+    assert {r["provider"] for r in run["linear_cross_entropy"]} >= {"ours:reference", "torch:eager"}
+    assert "### linear_cross_entropy" in (bench / "results.md").read_text()
     assert {r["pass"] for r in run["records"] if r["ms"]} == {"fwd", "bwd", "fwd+bwd"}  # bwd only from the full run
     assert any(e.get("tokens_per_s") for e in run["e2e"])
     assert "## Headline" in (bench / "results.md").read_text()
