@@ -64,7 +64,21 @@ def pytest_addoption(parser):
                      help="every Triton autotuner runs its first config without tuning (quick GPU correctness runs)")
 
 
+# Test-only packages the CPU lane needs (the dev extra installs them). The GPU machine lacks
+# some (no fastapi/uvicorn, no hypothesis), so the modules that use them skip there with
+# pytest.importorskip; CI sets LLMKERNELS_REQUIRE_TEST_DEPS=1, so there a missing one fails
+# the run instead of skipping those modules.
+OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers")
+
+
 def pytest_configure(config):
+    if os.environ.get("LLMKERNELS_REQUIRE_TEST_DEPS") == "1":
+        import importlib.util
+
+        missing = [name for name in OPTIONAL_TEST_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise pytest.UsageError(f"LLMKERNELS_REQUIRE_TEST_DEPS=1 but not installed: {', '.join(missing)} "
+                                    "(pip install -e '.[dev]')")
     config.addinivalue_line("markers", "triton: the module tests Triton kernels (its tests not marked gpu need "
                                        "the interpreter)")
     config.addinivalue_line("markers", "triton_interpreter: runs Triton kernels on CPU tensors (TRITON_INTERPRET=1)")

@@ -14,6 +14,9 @@ import re
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("hypothesis")  # not on the GPU machine; CI requires it (conftest)
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -14,6 +14,9 @@ from typing import Callable
 
 import pytest
 import torch
+
+pytest.importorskip("hypothesis")  # not on the GPU machine; CI requires it (conftest)
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
