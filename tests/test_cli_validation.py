@@ -10,6 +10,7 @@ import torch
 
 from llm.checkpoint import save_checkpoint
 from llm.config import GPTConfig
+from llm.generate import main as generate_main
 from llm.model import GPT
 from llm.tokenizer import main as tokenizer_main
 from llm.tokenizer import tokenizer_to_dict, train_bpe
@@ -140,7 +141,7 @@ def test_the_resume_command_drops_what_starts_a_new_run():
 
 
 @pytest.mark.parametrize("main, prog", [(train_main, "llm-train"), (tokenizer_main, "llm-tokenizer"),
-                                        (export_main, "llm-export")])  # fmt: skip
+                                        (export_main, "llm-export"), (generate_main, "llm-generate")])  # fmt: skip
 def test_help_shows_the_command_people_type(main, prog, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--help"])
@@ -150,3 +151,27 @@ def test_help_shows_the_command_people_type(main, prog, capsys):
 def test_python_m_llm_weights_help_prints_usage():
     result = subprocess.run([sys.executable, "-m", "llm.weights", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage: llm-export ")
+
+
+def test_llm_generate_refuses_and_reads_an_export(tmp_path, capsys):
+    model, tokenizer = tiny_model_and_tokenizer()
+    checkpoint = tmp_path / "ckpt.pt"
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                 "tokenizer": tokenizer_to_dict(tokenizer), "step": 1})  # fmt: skip
+    cases = [
+        (["--checkpoint", str(checkpoint), "--max-new-tokens", "-5"], "--max-new-tokens: expected an integer >= 1"),
+        (["--checkpoint", str(checkpoint), "--num-samples", "0"], "--num-samples: expected an integer >= 1"),
+        (["--checkpoint", str(tmp_path)], "is a folder; expected a file"),
+        (["--checkpoint", str(checkpoint), "--temperature", "-1"], "--temperature: expected a number >= 0"),
+        (["--checkpoint", str(checkpoint), "--top-k", "0"], "--top-k: expected an integer >= 1"),
+        (["--checkpoint", str(checkpoint), "--top-p", "0"], "--top-p: expected a number in (0, 1]"),
+        (["--checkpoint", str(checkpoint), "--device", "gpu"], "--device: unknown device 'gpu'"),
+    ]
+    for argv, fragment in cases:
+        line = refused(generate_main, argv, capsys)
+        assert line.startswith("llm-generate: error: ") and fragment in line, line
+
+    save_hf(model, tmp_path / "hf", tokenizer)  # what llm-export writes: loads with its own tokenizer
+    generate_main(["--gpt2-weights", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "3",
+                   "--device", "cpu"])  # fmt: skip
+    assert capsys.readouterr().out.startswith("Hello")
