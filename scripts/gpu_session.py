@@ -21,7 +21,11 @@ Stages, in priority order, each with its own time cap (seconds) inside the sessi
                   head dims 64/128, causal and not, determinism, strided inputs; new test files'
                   gpu tests are picked up by their mark)
   sanitizers 100  compute-sanitizer memcheck and racecheck on each kernel file's tiny subset
-                  (tests named test_sanitizer_subset*, and the attention sweep)
+                  (tests named test_sanitizer_subset*, and the attention sweep), 6 runs:
+                  CUDA LayerNorm+GELU and CUDA attention (each filtered to its kernels), then
+                  the other kernel files (CUDA add_layer_norm; Triton attention, LayerNorm,
+                  add_layer_norm, GELU, linear_cross_entropy) unfiltered; Triton autotuners
+                  on their first config, TRITON_INTERPRET unset
   bench      180  python -m benchmarks --headline: ceilings, attention, LayerNorm, GELU,
                   bias-GELU and GPT-2 training steps, each against same-run baselines
   tests-rest 150  the rest of the GPU lane: the slow tests, Triton tests with every config
@@ -349,7 +353,10 @@ def sanitizer_runs() -> list[dict]:
     """compute-sanitizer runs in priority order: memcheck before racecheck, CUDA attention
     (shared-memory tiles) first for racecheck. --kernel-name instruments only one file's
     kernels (LayerNorm/GELU live in namespace llmkernels; attention kernels all contain
-    "attention"). Test files added later join the last run by naming tests test_sanitizer_subset*."""
+    "attention"). The other kernel files (CUDA add_layer_norm, every Triton kernel file) get
+    both tools without a filter: Triton kernels have plain names and stage reductions and dot
+    operands through shared memory, and at these tiny sizes PyTorch's own kernels add little.
+    Test files added later join those runs by naming tests test_sanitizer_subset*."""
     norm_gelu = {"label": "CUDA LayerNorm+GELU", "files": ["tests/test_cuda_norm_gelu.py"],
                  "select": SANITIZER_SUBSET, "kernels": "kns=llmkernels", "env": {}}
     attention = {"label": "CUDA attention", "files": ["tests/test_cuda_attention.py"], "select": "reference_sweep",
@@ -359,8 +366,8 @@ def sanitizer_runs() -> list[dict]:
     runs = [dict(norm_gelu, tool="memcheck"), dict(attention, tool="memcheck"),
             dict(attention, tool="racecheck"), dict(norm_gelu, tool="racecheck")]
     if others:
-        runs.append({"label": "other kernel files", "files": others, "select": SANITIZER_SUBSET, "kernels": None,
-                     "env": {}, "tool": "memcheck"})
+        other = {"label": "other kernel files", "files": others, "select": SANITIZER_SUBSET, "kernels": None, "env": {}}
+        runs += [dict(other, tool="memcheck"), dict(other, tool="racecheck")]
     return runs
 
 
@@ -388,8 +395,10 @@ def stage_sanitizers(session: Session, cap_s: float) -> Outcome:
         if left < 10:
             results.append(dict(spec, status="skipped", errors=None, seconds=0.0, note="no time left"))
             continue
+        # One autotuner config: no config benchmarking under the sanitizer, and the kernels the
+        # tests stage compiled (also on its first configs) come from Triton's cache.
         pytest = session.python("-m", "pytest", *spec["files"], "-m", "gpu", "-k", spec["select"], "-x",
-                                "-q", "-p", "no:cacheprovider")
+                                "-q", "-p", "no:cacheprovider", "--triton-first-config")
         prefix = []
         if sanitizer:
             prefix = [sanitizer, "--tool", spec["tool"], "--error-exitcode", "99", "--print-limit", "20"]

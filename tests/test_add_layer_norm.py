@@ -434,15 +434,17 @@ def test_cuda_ops_bad_inputs_name_the_argument():
 
 
 # --------------------------------------------------------------------- sanitizer subset
-# The LayerNorm subset's shapes (every CUDA kernel shape), with the add.
-@requires_cuda_kernels
+# The LayerNorm subset's shapes (every CUDA kernel shape), with the add, on both backends:
+# for Triton one-tile rows of 7 to 8000 columns and looped rows of 12288 (the row-dot kernel).
 @gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("rows,hidden,dtype,offset", SANITIZER_LAYER_NORM, ids=str)
-def test_sanitizer_subset_add_layer_norm(rows, hidden, dtype, offset, generator):
+def test_sanitizer_subset_add_layer_norm(backend, rows, hidden, dtype, offset, generator):
     x, residual, weight, bias, grad_sum, grad_out = add_layer_norm_inputs(
         (rows, hidden), dtype, generator, "cuda", param_dtype=torch.float32
     )
     if offset:
         residual = misaligned(residual)
-    check_add_layer_norm("cuda", x, residual, weight, bias, grad_sum, grad_out)
-    check_add_layer_norm("cuda", x, residual, None, None, grad_sum, grad_out)
+    check_add_layer_norm(backend, x, residual, weight, bias, grad_sum, grad_out)
+    check_add_layer_norm(backend, x, residual, None, None, grad_sum, grad_out)

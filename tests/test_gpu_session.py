@@ -43,6 +43,10 @@ def test_cpu_rehearsal_runs_every_stage_and_survives_a_capped_stage(tmp_path):
 
     sanitizers = (out / "sanitizers.txt").read_text().splitlines()
     assert sanitizers[0].startswith("rehearsal") and any(line.startswith("memcheck") for line in sanitizers)
+    # Each sanitizer run's pytest keeps every Triton autotuner on one config (no benchmarking under the sanitizer).
+    sanitizer_commands = [line for line in (out / "session.log").read_text().splitlines()
+                          if "$ " in line and "-k test_sanitizer_subset" in line]
+    assert sanitizer_commands and all("--triton-first-config" in line for line in sanitizer_commands)
 
     # The headline run, then the full run added to it (--extend): one results set.
     bench = out / "bench"
@@ -75,7 +79,11 @@ def test_every_kernel_file_with_a_sanitizer_subset_is_sanitized():
     with_subsets = {f"tests/{p.name}" for p in (REPO_ROOT / "tests").glob("test_*.py")
                     if gpu_session.has_sanitizer_subset(p) or p.name == "test_cuda_attention.py"}
     assert with_subsets <= covered
-    assert {run["tool"] for run in runs} == {"memcheck", "racecheck"}
+    # every Triton kernel file has a subset (add_layer_norm's Triton variant shares the CUDA one's file)
+    assert {"tests/test_triton_attention.py", "tests/test_triton_layer_norm.py", "tests/test_triton_gelu.py",
+            "tests/test_linear_cross_entropy.py", "tests/test_add_layer_norm.py"} <= with_subsets
+    for file in with_subsets:  # each file under both tools, memcheck first
+        assert [run["tool"] for run in runs if file in run["files"]] == ["memcheck", "racecheck"], file
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -393,3 +393,17 @@ def test_benchmark_suite_runs_on_cpu(tmp_path):
     assert measured["peak_mib"] >= 64 and measured["loss"] > 0
     with pytest.raises(SystemExit):
         suite.main(["--rows", "0"])
+
+
+# ------------------------------------------------------------------------------ sanitizer subset
+# scripts/gpu_session.py runs these under compute-sanitizer memcheck and racecheck: the
+# cross-entropy kernel with and without the gradient (the backward op recomputes it for
+# reduction="none"), a vocabulary of one partial block (101, 257) and of two (4097), and a
+# ragged last chunk (37 rows in chunks of 8).
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("vocab", [101, 257, 4097])
+def test_sanitizer_subset_linear_cross_entropy(vocab, reduction, generator):
+    x, weight, bias, targets = make_inputs(37, 48, vocab, torch.bfloat16, generator, "cuda")
+    check_against_float64(triton_op_loss(targets, reduction, 8), x, weight, bias, targets, reduction, generator)

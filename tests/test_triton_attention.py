@@ -175,3 +175,17 @@ def test_attention_compile_fullgraph(generator):
     torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
     compiled(q, k, v).float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# --------------------------------------------------------------------- sanitizer subset
+# scripts/gpu_session.py runs these under compute-sanitizer memcheck and racecheck: every
+# kernel (forward, backward delta, grad K/V, grad Q) on ragged tiles (17 and 113 rows: a
+# partial last block), both head dims, causal and not; the GPU lane's shapes and dtype, so the
+# Triton cache it leaves serves them.
+@requires_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq_len", [17, 113])
+def test_sanitizer_subset_attention(seq_len, head_dim, causal, generator):
+    q, k, v = (randn((2, 3, seq_len, head_dim), torch.bfloat16, generator, "cuda") for _ in range(3))
+    _check_attention(q, k, v, causal, generator)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
 from numerics import GRAD_FACTOR, assert_close_to_reference, randn
+from test_cuda_norm_gelu import misaligned
 
 import llmkernels
 from llmkernels import backends
@@ -178,3 +179,17 @@ def test_ops_compile_fullgraph(generator):
     torch.testing.assert_close(compiled(x, bias), f(x, bias))
     compiled(x, bias).sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(bias.grad).all()
+
+
+# --------------------------------------------------------------------- sanitizer subset
+# scripts/gpu_session.py runs these under compute-sanitizer memcheck and racecheck: the flat
+# GELU kernels with a masked tail, the bias-GELU row tiles (7, 768, 1000 columns) and the
+# column sums of grad_bias, and a misaligned input.
+@requires_cuda
+@pytest.mark.parametrize("rows, hidden", [(3, 7), (5, 768), (3, 1000), (5, 1000)], ids=str)
+def test_sanitizer_subset_gelu(rows, hidden, generator):
+    x = randn((rows, hidden), torch.bfloat16, generator, "cuda", scale=3.0)
+    bias = randn((hidden,), torch.bfloat16, generator, "cuda")
+    for x_in in (x, misaligned(x)):
+        _check_gelu(x_in, generator)
+        _check_bias_gelu(x_in, bias, generator)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
 from numerics import GRAD_FACTOR, assert_close_to_reference, randn
+from test_cuda_norm_gelu import misaligned
 
 import llmkernels
 from llmkernels import backends
@@ -195,3 +196,19 @@ def test_layer_norm_compile_fullgraph(generator):
     torch.testing.assert_close(compiled(x, weight), f(x, weight))
     compiled(x, weight).float().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+
+
+# --------------------------------------------------------------------- sanitizer subset
+# scripts/gpu_session.py runs these under compute-sanitizer memcheck and racecheck: one-tile
+# rows with several rows per program (7, 768, 1000 columns: masked tails), a looped row past
+# MAX_ROW_BLOCK (the row-dot kernel and column tiles), with and without weight and bias, and a
+# misaligned input; the column sums (sum_partials) run in every backward.
+@requires_cuda
+@pytest.mark.parametrize("rows, hidden", [(3, 7), (5, 768), (3, 1000), (5, 1000), (2, MAX_ROW_BLOCK + 8)], ids=str)
+def test_sanitizer_subset_layer_norm(rows, hidden, generator):
+    x = randn((rows, hidden), torch.bfloat16, generator, "cuda", scale=2.0, shift=0.5)
+    weight = randn((hidden,), torch.float32, generator, "cuda", shift=1.0)
+    bias = randn((hidden,), torch.float32, generator, "cuda")
+    _check_layer_norm(x, weight, bias, generator)
+    _check_layer_norm(x, None, None, generator)
+    _check_layer_norm(misaligned(x), weight, bias, generator)
