@@ -12,7 +12,7 @@ from llm.checkpoint import save_checkpoint
 from llm.config import GPTConfig
 from llm.generate import main as generate_main
 from llm.model import GPT
-from llm.tokenizer import main as tokenizer_main
+from llm.tokenizer_cli import main as tokenizer_main
 from llm.tokenizer import tokenizer_to_dict, train_bpe
 from llm.train import main as train_main
 from llm.train import parse_args, resume_command

@@ -2,7 +2,8 @@
 
 import pytest
 
-from llm.tokenizer import END_OF_TEXT, gpt2_tokenizer, load_tokenizer, main, save_tokenizer, train_bpe
+from llm.tokenizer import END_OF_TEXT, gpt2_tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from llm.tokenizer_cli import main
 
 CORPUS = ["To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"] * 20 + [
     "The slings and arrows of outrageous fortune, or to take arms against a sea of troubles.\n"

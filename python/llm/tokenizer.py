@@ -7,11 +7,13 @@
 - `save_tokenizer` / `load_tokenizer`: a small JSON file (written atomically).
 - `tokenizer_to_dict` / `tokenizer_from_dict`: the same description as plain types,
   so checkpoints carry their tokenizer.
+
+It reads no corpus files; the `llm-tokenizer` command that learns a BPE on files is
+llm.tokenizer_cli (above llm.data, which reads them).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
 import functools
@@ -24,7 +26,7 @@ import regex
 import tiktoken
 import tiktoken.load
 
-from llm.cli import checked_by, command, int_in, new_parser
+from llm.cli import int_in
 from llm.files import atomic_output
 
 ASSETS = Path(__file__).parent / "assets"
@@ -183,45 +185,3 @@ def check_tokenizer_spec(spec: str, learnable: bool = True) -> str:
     if Path(spec).expanduser().is_dir():
         raise ValueError(f"{spec} is a folder; expected {accepted}")
     raise ValueError(f"{spec!r} is not {accepted}: no such file")
-
-
-USAGE = """
-    llm-tokenizer --train 'corpus/*.txt' --vocab-size 4096 --out tok.json
-    llm-tokenizer --encode "Hello, world" [--tokenizer tok.json]
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser("llm-tokenizer", __doc__ + USAGE)
-    parser.add_argument("--train", nargs="+", metavar="SOURCE", help="learn a BPE on these files/globs/folders")
-    parser.add_argument("--vocab-size", type=VOCAB_SIZES, default=4096, help="tokens of the learned BPE (default 4096)")
-    parser.add_argument("--out", default="tokenizer.json", help="where --train saves the tokenizer")
-    parser.add_argument("--encode", metavar="TEXT", help="print the ids of TEXT")
-    parser.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        type=checked_by(lambda spec: check_tokenizer_spec(spec, learnable=False), "TOKENIZER"),
-        help='for --encode: "gpt2" or a saved tokenizer file',
-    )
-    return parser
-
-
-@command("llm-tokenizer")
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.train or args.encode is not None):
-        parser.error("nothing to do: pass --train SOURCE... and/or --encode TEXT")
-    if args.train:
-        from llm.data import read_document, resolve_sources
-
-        texts = [read_document(path) for path in resolve_sources(args.train)]
-        tokenizer = train_bpe(texts, args.vocab_size, name=Path(args.out).stem)
-        save_tokenizer(tokenizer, args.out)
-        print(f"saved a {tokenizer.n_vocab}-token BPE to {args.out}")
-    if args.encode is not None:
-        print(get_tokenizer(args.tokenizer).encode(args.encode, allowed_special="all"))
-
-
-if __name__ == "__main__":
-    main()
