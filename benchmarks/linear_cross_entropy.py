@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import error_text
+from .kernels import recording_error
 from .measure import REPO_ROOT
 from .report import fmt, write_text
 
@@ -137,17 +137,11 @@ def run_suite(device: str, quick: bool, use_compile: bool, timer, out_dir: Optio
             if fn is None:
                 record["skipped"] = reason
                 continue
-            try:
+            with recording_error(record, device):
                 if device == "cuda":
                     forward_backward(fn, *inputs)  # compile, autotune, allocator growth
                     record["peak_mib"] = _cuda_peak_bytes(fn, inputs) / 2**20
                 record["ms"] = timer.time(lambda: forward_backward(fn, *inputs)).median
-            except Exception as error:  # recorded, and the run goes on
-                record["error"] = error_text(error)
-            finally:
-                torch._dynamo.reset()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
         del inputs
     if out_dir is not None:
         write_outputs(records, out_dir, "GPU" if device == "cuda" else "CPU (reference path only; no GPU figures)")
