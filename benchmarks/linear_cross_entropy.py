@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .kernels import recording_error
 from .measure import REPO_ROOT
-from .report import fmt, write_text
+from .report import fmt, save_png, write_text
 
 IGNORE_INDEX = -1
 # (N rows, C hidden, V vocabulary): GPT-2 124M at 8 and 16 x 1024 tokens, and a Llama-3-like head.
@@ -177,8 +177,6 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llm.files import atomic_output
-
     shapes = list(dict.fromkeys(r["shape"] for r in records))
     panels = [(key, label) for key, label in (("ms", "fwd+bwd ms"), ("peak_mib", "peak MiB beyond the inputs"))
               if any(r.get(key) for r in records)] or [("ms", "nothing measured")]
@@ -199,9 +197,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"linear + cross-entropy: {title}", fontsize=10)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_outputs(records: list[dict], out_dir: Path, title: str) -> dict:

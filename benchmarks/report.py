@@ -376,8 +376,7 @@ def plot(run: dict, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "nothing timed", ha="center", va="center")
         ax.axis("off")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_png(fig, path)
         return
     widest = max([len({(r["shape_label"], r["pass"]) for r in records if r["op"] == op}) for op in ops] + [4])
     fig, axes = plt.subplots(panels, 1, figsize=(max(10, 1.3 * widest), 3.6 * panels), squeeze=False)
@@ -423,6 +422,13 @@ def plot(run: dict, path: Path) -> None:
         ax.set_title(f"training steps: {e2e[0]['preset']} B{e2e[0]['batch']}xT{e2e[0]['seq']}", fontsize=10)
     fig.suptitle(f"llmkernels benchmarks: {run['env']['device']}{' (CPU wall-clock)' if run['mode'] == 'cpu' else ''}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Writes the matplotlib figure atomically as a PNG and closes it."""
+    import matplotlib.pyplot as plt
+
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
