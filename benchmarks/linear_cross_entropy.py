@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .kernels import recording_error
 from .measure import REPO_ROOT
-from .report import fmt, save_png, write_text
+from .report import fmt, markdown_table, save_png, write_text
 
 IGNORE_INDEX = -1
 # (N rows, C hidden, V vocabulary): GPT-2 124M at 8 and 16 x 1024 tokens, and a Llama-3-like head.
@@ -154,10 +154,7 @@ def markdown(records: list[dict]) -> str:
     """One row per shape and provider: time and peak memory, and both as ratios to eager."""
     eager_by_shape = {r["shape"]: r for r in records if r["provider"] == "torch:eager"}
     compile_by_shape = {r["shape"]: r for r in records if r["provider"] == "torch:compile"}
-    lines = ["### linear_cross_entropy: forward + backward",
-             "",
-             "| shape | dtype | provider | ms | ms / eager | ms / compile | peak MiB | peak / eager | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in records:
         base, compiled = eager_by_shape.get(r["shape"], {}), compile_by_shape.get(r["shape"], {})
 
@@ -165,9 +162,10 @@ def markdown(records: list[dict]) -> str:
             return fmt(r[key] / other[key]) if r.get(key) and other.get(key) else "-"
 
         note = (r.get("error") or r.get("skipped") or "").replace("|", "/")
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {fmt(r.get('ms'))} | {ratio('ms', base)} | "
-                     f"{ratio('ms', compiled)} | {fmt(r.get('peak_mib'))} | {ratio('peak_mib', base)} | {note} |")
-    return "\n".join(lines)
+        rows.append([r["shape"], r["dtype"], r["provider"], fmt(r.get("ms")), ratio("ms", base), ratio("ms", compiled),
+                     fmt(r.get("peak_mib")), ratio("peak_mib", base), note])
+    header = ["shape", "dtype", "provider", "ms", "ms / eager", "ms / compile", "peak MiB", "peak / eager", "note"]
+    return "### linear_cross_entropy: forward + backward\n\n" + markdown_table(header, rows)
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
