@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .kernels import error_text
+from .kernels import recording_error
 
 SXM_PEAK_TFLOPS = 989.0  # H100 and H200 SXM, dense bf16
 CONFIGS = [("eager", False), ("eager", True), ("compile", False), ("compile", True)]
@@ -80,15 +80,8 @@ def run(item: dict, device: str, matmul_ceiling_tflops: float | None = None) -> 
     result = dict(item, label=label(item))
     if item.get("skipped"):
         return result
-    try:
-        with _backend_env(item["backend"]):
-            result.update(_train_steps(item, device, matmul_ceiling_tflops))
-    except Exception as error:  # recorded, and the run goes on
-        result["error"] = error_text(error)
-    finally:
-        torch._dynamo.reset()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    with recording_error(result, device), _backend_env(item["backend"]):
+        result.update(_train_steps(item, device, matmul_ceiling_tflops))
     return result
 
 

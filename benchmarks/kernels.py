@@ -336,6 +336,21 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:400]}"
 
 
+@contextlib.contextmanager
+def recording_error(record: dict, device: str):
+    """Runs the block; an exception in it becomes record["error"] and the run goes on.
+    Afterwards compiled graphs and (on a GPU) cached memory are dropped, so the next
+    measurement starts clean."""
+    try:
+        yield
+    except Exception as error:  # recorded, and the run goes on
+        record["error"] = error_text(error)
+    finally:
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _release_memory() -> None:
     """Frees the failed or finished provider's memory. After a sticky CUDA error (an illegal
     address) this raises again; the remaining measurements then record that error."""

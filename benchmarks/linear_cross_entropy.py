@@ -34,9 +34,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import error_text
+from .kernels import recording_error
 from .measure import REPO_ROOT
-from .report import fmt, write_text
+from .report import fmt, markdown_table, save_png, write_text
 
 IGNORE_INDEX = -1
 # (N rows, C hidden, V vocabulary): GPT-2 124M at 8 and 16 x 1024 tokens, and a Llama-3-like head.
@@ -137,17 +137,11 @@ def run_suite(device: str, quick: bool, use_compile: bool, timer, out_dir: Optio
             if fn is None:
                 record["skipped"] = reason
                 continue
-            try:
+            with recording_error(record, device):
                 if device == "cuda":
                     forward_backward(fn, *inputs)  # compile, autotune, allocator growth
                     record["peak_mib"] = _cuda_peak_bytes(fn, inputs) / 2**20
                 record["ms"] = timer.time(lambda: forward_backward(fn, *inputs)).median
-            except Exception as error:  # recorded, and the run goes on
-                record["error"] = error_text(error)
-            finally:
-                torch._dynamo.reset()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
         del inputs
     if out_dir is not None:
         write_outputs(records, out_dir, "GPU" if device == "cuda" else "CPU (reference path only; no GPU figures)")
@@ -160,10 +154,7 @@ def markdown(records: list[dict]) -> str:
     """One row per shape and provider: time and peak memory, and both as ratios to eager."""
     eager_by_shape = {r["shape"]: r for r in records if r["provider"] == "torch:eager"}
     compile_by_shape = {r["shape"]: r for r in records if r["provider"] == "torch:compile"}
-    lines = ["### linear_cross_entropy: forward + backward",
-             "",
-             "| shape | dtype | provider | ms | ms / eager | ms / compile | peak MiB | peak / eager | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in records:
         base, compiled = eager_by_shape.get(r["shape"], {}), compile_by_shape.get(r["shape"], {})
 
@@ -171,9 +162,10 @@ def markdown(records: list[dict]) -> str:
             return fmt(r[key] / other[key]) if r.get(key) and other.get(key) else "-"
 
         note = (r.get("error") or r.get("skipped") or "").replace("|", "/")
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {fmt(r.get('ms'))} | {ratio('ms', base)} | "
-                     f"{ratio('ms', compiled)} | {fmt(r.get('peak_mib'))} | {ratio('peak_mib', base)} | {note} |")
-    return "\n".join(lines)
+        rows.append([r["shape"], r["dtype"], r["provider"], fmt(r.get("ms")), ratio("ms", base), ratio("ms", compiled),
+                     fmt(r.get("peak_mib")), ratio("peak_mib", base), note])
+    header = ["shape", "dtype", "provider", "ms", "ms / eager", "ms / compile", "peak MiB", "peak / eager", "note"]
+    return "### linear_cross_entropy: forward + backward\n\n" + markdown_table(header, rows)
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
@@ -182,8 +174,6 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from llm.files import atomic_output
 
     shapes = list(dict.fromkeys(r["shape"] for r in records))
     panels = [(key, label) for key, label in (("ms", "fwd+bwd ms"), ("peak_mib", "peak MiB beyond the inputs"))
@@ -205,9 +195,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"linear + cross-entropy: {title}", fontsize=10)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_outputs(records: list[dict], out_dir: Path, title: str) -> dict:

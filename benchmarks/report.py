@@ -100,7 +100,7 @@ def _primary_dtype(records: list[dict], op: str) -> str | None:
 
 
 # -------------------------------------------------------------------------- markdown
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -134,10 +134,10 @@ def headline_markdown(run: dict) -> str:
             rows.append([op, shape, dtype, ours_text, base_text, _comparison(ours, base)])
     parts = []
     if rows:
-        parts.append(_table(["op", "shape", "dtype", "best ours (fwd+bwd, % of ceiling)", "best baseline", "speedup"], rows))
+        parts.append(markdown_table(["op", "shape", "dtype", "best ours (fwd+bwd, % of ceiling)", "best baseline", "speedup"], rows))
     e2e_rows = _e2e_rows(run)
     if e2e_rows:
-        parts.append(_table(["end to end", "tokens/s", "ms/step", "MFU", "of matmul ceiling", "peak GiB",
+        parts.append(markdown_table(["end to end", "tokens/s", "ms/step", "MFU", "of matmul ceiling", "peak GiB",
                              "vs use_fused=False"], e2e_rows))
     return "\n\n".join(parts) if parts else "(nothing timed)"
 
@@ -162,7 +162,7 @@ def suite_markdown(records: list[dict], op: str, ceilings: dict) -> str:
     ceiling = ceilings["matmul"] if unit == "TFLOP/s" else ceilings["copy"]
     title = (f"### {op}: {unit} (% of the measured ceiling, {ceiling['what']}: "
              f"{fmt(ceiling['value'])} {ceiling['unit']})")
-    return title + "\n\n" + _table(["shape", "dtype", "pass"] + providers + ["best ours vs best baseline"], rows)
+    return title + "\n\n" + markdown_table(["shape", "dtype", "pass"] + providers + ["best ours vs best baseline"], rows)
 
 
 def _e2e_rows(run: dict) -> list[list[str]]:
@@ -193,7 +193,7 @@ def details_markdown(records: list[dict]) -> str:
         rows.append([r["op"], r["shape_label"], r["dtype"], r["pass"], r["provider"],
                      f"{r['ms']:.4g}" if r["ms"] else "-", spread, host, fmt(r["rate"]), r["unit"],
                      f"{r['pct_of_ceiling']:.1f}" if r.get("pct_of_ceiling") else "-", ratios, note.replace("|", "/")])
-    return _table(["op", "shape", "dtype", "pass", "provider", "ms", "p10-p90 ms", "host ms", "rate", "unit",
+    return markdown_table(["op", "shape", "dtype", "pass", "provider", "ms", "p10-p90 ms", "host ms", "rate", "unit",
                    "% ceiling", "speed vs baselines", "error / skipped"], rows)
 
 
@@ -203,7 +203,7 @@ def anchors_markdown(comparison: dict) -> str:
     rows = [[c["anchor"], fmt(c["anchor_value"]), fmt(c["ours_value"]), c["unit"], f"{c['ratio']:.2f}",
              f"{c['ceiling_ratio']:.2f}" if c.get("ceiling_ratio") else "-", c["ours"], c["method_differs"] or ""]
             for c in comparison["rows"]]
-    return (comparison["note"] + "\n\n" + _table(
+    return (comparison["note"] + "\n\n" + markdown_table(
         ["anchor", "anchor value", "this run", "unit", "this run / anchor", "same, as % of each device's ceiling",
          "compared with", "method differs"], rows))
 
@@ -219,7 +219,7 @@ def full_markdown(run: dict) -> str:
              f"git {env['git_commit'] or 'no commit'}{' (dirty)' if env['git_dirty'] else ''}",
              f"timing: {run['timer']['timer']}", "",
              "## Ceilings (measured in this run)", "",
-             _table(["ceiling", "value", "first, last measured"], [_ceiling_row(c) for c in ceilings.values()]),
+             markdown_table(["ceiling", "value", "first, last measured"], [_ceiling_row(c) for c in ceilings.values()]),
              "", "## Headline", "", headline_markdown(run), ""]
     for op in _ops(run["records"]):
         table = suite_markdown(run["records"], op, ceilings)
@@ -241,7 +241,7 @@ def _ceiling_row(c: dict) -> list[str]:
 
 
 def stdout_markdown(run: dict) -> str:
-    parts = ["## Ceilings", _table(["ceiling", "value", "first, last measured"],
+    parts = ["## Ceilings", markdown_table(["ceiling", "value", "first, last measured"],
                                    [_ceiling_row(c) for c in run["ceilings"].values()])]
     parts += [t for t in (suite_markdown(run["records"], op, run["ceilings"]) for op in _ops(run["records"])) if t]
     parts += ["## Anchors (method check)", anchors_markdown(run.get("anchors", {}))]
@@ -376,8 +376,7 @@ def plot(run: dict, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, "nothing timed", ha="center", va="center")
         ax.axis("off")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_png(fig, path)
         return
     widest = max([len({(r["shape_label"], r["pass"]) for r in records if r["op"] == op}) for op in ops] + [4])
     fig, axes = plt.subplots(panels, 1, figsize=(max(10, 1.3 * widest), 3.6 * panels), squeeze=False)
@@ -423,6 +422,13 @@ def plot(run: dict, path: Path) -> None:
         ax.set_title(f"training steps: {e2e[0]['preset']} B{e2e[0]['batch']}xT{e2e[0]['seq']}", fontsize=10)
     fig.suptitle(f"llmkernels benchmarks: {run['env']['device']}{' (CPU wall-clock)' if run['mode'] == 'cpu' else ''}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Writes the matplotlib figure atomically as a PNG and closes it."""
+    import matplotlib.pyplot as plt
+
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

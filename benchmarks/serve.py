@@ -32,13 +32,12 @@ import torch
 from llm.checkpoint import save_checkpoint
 from llm.cli import int_in
 from llm.config import GPTConfig
-from llm.files import atomic_output
 from llm.model import GPT
 from llm.serving.launch import serve_in_subprocess
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
 
 from .measure import REPO_ROOT, device_slug, environment
-from .report import fmt, write_text
+from .report import fmt, save_png, write_text
 
 # Prompts are cut from this text; the tiny model's 512-token BPE is learned on it (a small
 # vocabulary, as the "tiny" preset's learned one).
@@ -187,9 +186,7 @@ def plot(run: dict, path: Path) -> None:
     right.set_title("throughput")
     fig.suptitle(f"llm-serve, {run['settings']['model']} on {run['env']['device']}", fontsize=10)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv=None) -> int:
