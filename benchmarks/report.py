@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from llm.files import atomic_output
+from llm.files import atomic_output, write_text
 
 PROVIDER_ORDER = ["ours:cuda", "ours:triton", "ours:reference", "torch:eager", "torch:compile",
                   "sdpa:flash", "sdpa:cudnn", "sdpa:efficient"]
@@ -432,12 +432,6 @@ def save_png(fig, path: Path) -> None:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write atomically: a reader (or a killed run) never sees half a file."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
 
 
 def write_outputs(run: dict, out_dir: Path) -> dict:

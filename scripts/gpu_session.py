@@ -64,7 +64,7 @@ from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "python"))
-from llm.files import atomic_output  # noqa: E402  (this checkout's llm package)
+from llm.files import write_text  # noqa: E402  (this checkout's llm package)
 
 BUDGET_S = {"cuda": 450.0, "cpu": 300.0}
 SUMMARY_RESERVE_S = 10.0  # kept back from the last stage for the summary
@@ -173,11 +173,11 @@ class Session:
         """Rewrites session.json, sanitizers.txt and summary.txt; returns the summary."""
         state = {"device": self.device, "rehearsal": self.rehearsal, "started": self.started.isoformat(timespec="seconds"),
                  "budget_s": self.budget_s, "elapsed_s": round(self.elapsed_s(), 1), "stages": self.records}
-        _write(self.out / "session.json", json.dumps(state, indent=1))
-        _write(self.out / "sanitizers.txt", "\n".join(self.sanitizer_lines) + "\n" if self.sanitizer_lines else
+        write_text(self.out / "session.json", json.dumps(state, indent=1))
+        write_text(self.out / "sanitizers.txt", "\n".join(self.sanitizer_lines) + "\n" if self.sanitizer_lines else
                "(no sanitizer run yet)\n")
         summary = summary_text(self)
-        _write(self.out / "summary.txt", summary)
+        write_text(self.out / "summary.txt", summary)
         return summary
 
 
@@ -202,11 +202,6 @@ def _kill_leftovers(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
 
 
 def _tail(text: str, lines: int = 3) -> str:

@@ -32,7 +32,7 @@ from llm.serving.app import create_app
 from llm.serving.loading import load_served_model
 from llm.serving.launch import serve_in_subprocess
 from llm.serving.row_cache import RowKVCache
-from llm.serving.text import TextStream
+from llm.text_stream import TextStream
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
 from llm.weights import save_hf
 

@@ -23,3 +23,10 @@ def atomic_output(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a whole text file atomically (atomic_output): readers, or a run killed
+    mid-write, never see half of it."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)

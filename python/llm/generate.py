@@ -18,7 +18,6 @@ least 1 (a run that generates nothing is a mistake, not a request).
 from __future__ import annotations
 
 import argparse
-import codecs
 import math
 from collections.abc import Iterator
 
@@ -28,6 +27,7 @@ import torch
 from llm.cli import command, device_name, existing_file, existing_path, float_in, int_in, new_parser
 from llm.model import GPT
 from llm.runtime import DEVICE_CHOICES
+from llm.text_stream import TextStream
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -163,20 +163,20 @@ def stream_text(
     **sampling,
 ) -> Iterator[str]:
     """The generated text piece by piece as tokens arrive, up to <|endoftext|>. A BPE token
-    can end inside a multi-byte character; the incremental UTF-8 decoder holds such bytes
-    back until the character is complete, so every piece is valid text."""
+    can end inside a multi-byte character; TextStream holds such bytes back until the
+    character is complete, so every piece is valid text."""
     device = model.transformer.wte.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt = torch.tensor([prompt_ids], device=device)  # (1, T)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = TextStream(tokenizer, stop=[])
     for token in stream_tokens(model, prompt, max_new_tokens, eos_token=tokenizer.eot_token, generator=generator,
                                **sampling):  # fmt: skip
         if token.item() == tokenizer.eot_token:
             break
-        piece = decoder.decode(tokenizer.decode_single_token_bytes(token.item()))
+        piece = text.push(token.item())
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
+    tail = text.finish()
     if tail:
         yield tail
 

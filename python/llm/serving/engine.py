@@ -35,7 +35,7 @@ import torch
 from llm.generate import sample_next_token
 from llm.model import GPT
 from llm.serving.row_cache import RowKVCache
-from llm.serving.text import TextStream
+from llm.text_stream import TextStream
 
 log = logging.getLogger("llm.serve")
 DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S = 8, 32, 120.0  # rows, waiting requests, seconds

@@ -1,4 +1,5 @@
-"""Token ids -> text as it is generated: whole UTF-8 characters only, stop sequences cut.
+"""Token ids -> text as it is generated: whole UTF-8 characters only, stop sequences cut
+(llm-generate --stream, llm-serve).
 
 A byte-level BPE token can end in the middle of a UTF-8 character, and a stop sequence
 can span several tokens, so text is released only once it is final: complete characters
