@@ -178,7 +178,7 @@ def _chunked(
     return losses, grad_x, grad_weight, grad_bias
 
 
-def _reduce(losses: torch.Tensor, valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(losses: torch.Tensor, valid_count: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     if reduction == "none":
         return losses
     total = losses.sum()
@@ -222,7 +222,8 @@ def linear_cross_entropy_forward(
     (for a loss gradient of 1) come too; otherwise they are empty and the backward op
     recomputes them."""
     _check_call("triton_linear_cross_entropy_forward", x, weight, targets, bias, reduction, rows_per_chunk)
-    valid_count = (targets != ignore_index).sum()  # a device tensor: no sync
+    # Targets not ignored, which only "mean" divides by: a device tensor, no sync.
+    valid_count = (targets != ignore_index).sum() if reduction == "mean" else None
     grad_scale = None
     if compute_grad and reduction != "none":
         grad_scale = (1.0 / valid_count if reduction == "mean" else torch.ones((), device=x.device)).float().reshape(1)
