@@ -17,10 +17,10 @@ from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference, rand
 import llmkernels
 from llmkernels import backends
 from llmkernels.linear_cross_entropy import linear_cross_entropy_reference
+from llmkernels.validation import REDUCTIONS
 
 TRITON_USABLE = backends.available_backends()["triton"][0]
 requires_triton = pytest.mark.skipif(not TRITON_USABLE, reason="Triton backend not usable")
-REDUCTIONS = ("mean", "sum", "none")
 IGNORE = -1
 
 
