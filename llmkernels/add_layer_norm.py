@@ -26,9 +26,6 @@ from .layer_norm import (
 )  # fmt: skip
 from .validation import check_same_device, check_same_dtype, check_shape, check_tensor
 
-if backends.TRITON_IMPORTABLE:
-    from .triton import layer_norm as triton_layer_norm
-
 
 # ----------------------------------------------------------------------------- reference
 def add_layer_norm_reference(
@@ -87,9 +84,9 @@ def _add_layer_norm_unsupported(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
 ) -> Optional[str]:
-    if backend == "triton":
-        return triton_layer_norm.supports_add_layer_norm(x, residual, weight, bias)
-    return layer_norm_unsupported(backend, x, weight, bias)  # residual: x's dtype and device, checked first
+    # residual has x's shape, dtype and device (checked first): a backend that can
+    # normalise x can add residual to it.
+    return layer_norm_unsupported(backend, x, weight, bias)
 
 
 def _check_add_layer_norm_args(

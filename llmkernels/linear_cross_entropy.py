@@ -127,18 +127,18 @@ if backends.TRITON_IMPORTABLE:
 
 # ------------------------------------------------------------------------- dispatch
 def _linear_cross_entropy_unsupported(
-    backend: str, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor] = None
+    backend: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> Optional[str]:
     if backend == "reference":
         return None
     if backend == "cuda":
         return "there is no CUDA kernel for linear_cross_entropy (the triton backend fuses it)"
-    return triton_linear_cross_entropy.supports_linear_cross_entropy(x, weight, targets, bias)
+    return triton_linear_cross_entropy.supports_linear_cross_entropy(x, weight, bias)
 
 
 def _check_inputs(x, weight, targets, bias=None, ignore_index=-1, reduction="mean") -> tuple:
     """linear_cross_entropy's input checks (errors name the argument); returns (x, weight,
-    targets, bias), what the support check takes."""
+    bias), what the support check takes."""
     check_tensor("x", x, ndim=2)
     check_tensor("weight", weight, ndim=2)
     num_rows, hidden = x.shape
@@ -163,7 +163,7 @@ def _check_inputs(x, weight, targets, bias=None, ignore_index=-1, reduction="mea
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return x, weight, targets, bias
+    return x, weight, bias
 
 
 backends.register_op("linear_cross_entropy", _check_inputs, _linear_cross_entropy_unsupported)
@@ -186,7 +186,7 @@ def linear_cross_entropy(
         dtype = torch.get_autocast_dtype(x.device.type)  # what F.linear would compute in
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    chosen = backends.select_backend("linear_cross_entropy", backend, x, weight, targets, bias)
+    chosen = backends.select_backend("linear_cross_entropy", backend, x, weight, bias)
     if chosen == "reference":
         return linear_cross_entropy_reference(x, weight, targets, bias, ignore_index, reduction)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))

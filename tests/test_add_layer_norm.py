@@ -329,10 +329,8 @@ def test_fused_model_compiles_fullgraph_with_one_op_per_residual_add():
 ROWS = (1, 3, 1000)
 HIDDEN = (1, 48, 768, 1000, 4096, 65536)  # scalar, warp-per-row, block-per-row, looped
 GPU_BACKENDS = [runnable("cuda"), runnable("triton")]
-gpu = pytest.mark.gpu
 
 
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -342,7 +340,6 @@ def test_matches_reference_gpu(backend, rows, hidden, dtype, generator):
     check_add_layer_norm(backend, *add_layer_norm_inputs((rows, hidden), dtype, generator, "cuda"))
 
 
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("hidden", (7, 768, 4096, 12288))
@@ -351,7 +348,6 @@ def test_fp32_weight_and_absent_parameters_gpu(backend, hidden, generator):
     check_add_layer_norm(backend, *add_layer_norm_inputs((37, hidden), torch.bfloat16, generator, "cuda", affine=False))
 
 
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -371,7 +367,6 @@ def test_misaligned_and_strided_inputs_gpu(backend, hidden, dtype, generator):
     check_add_layer_norm(backend, transposed[0], transposed[1], weight[:33], bias[:33], *transposed[2:])
 
 
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("hidden", (768, 4096, 65536))
@@ -385,7 +380,6 @@ def test_backward_is_bitwise_reproducible_gpu(backend, hidden, generator):
             assert torch.equal(a, b)
 
 
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_public_function_runs_the_ops_gpu(backend, generator):
@@ -402,7 +396,6 @@ def test_public_function_runs_the_ops_gpu(backend, generator):
     assert torch.equal(leaves[3].grad, grad_bias.to(bias.dtype))
 
 
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_opcheck_gpu(backend, generator):
@@ -414,7 +407,7 @@ def test_opcheck_gpu(backend, generator):
 
 
 @requires_cuda_kernels
-@gpu
+@requires_cuda
 def test_cuda_ops_bad_inputs_name_the_argument():
     x = torch.randn(4, 768, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(768, device="cuda", dtype=torch.bfloat16)
@@ -436,7 +429,6 @@ def test_cuda_ops_bad_inputs_name_the_argument():
 # --------------------------------------------------------------------- sanitizer subset
 # The LayerNorm subset's shapes (every CUDA kernel shape), with the add, on both backends:
 # for Triton one-tile rows of 7 to 8000 columns and looped rows of 12288 (the row-dot kernel).
-@gpu
 @requires_cuda
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("rows,hidden,dtype,offset", SANITIZER_LAYER_NORM, ids=str)

@@ -17,10 +17,10 @@ from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference, rand
 import llmkernels
 from llmkernels import backends
 from llmkernels.linear_cross_entropy import linear_cross_entropy_reference
+from llmkernels.validation import REDUCTIONS
 
 TRITON_USABLE = backends.available_backends()["triton"][0]
 requires_triton = pytest.mark.skipif(not TRITON_USABLE, reason="Triton backend not usable")
-REDUCTIONS = ("mean", "sum", "none")
 IGNORE = -1
 
 
@@ -305,7 +305,6 @@ def test_bad_input_names_the_argument(bad, error, message):
 
 # ------------------------------------------------------------------------------ GPU lane
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows, hidden, vocab", [(8192, 768, 50257), (37, 768, 50257), (1, 48, 50257), (37, 48, 1)])
@@ -319,7 +318,6 @@ def test_gpu_matches_float64(rows, hidden, vocab, dtype, reduction, generator):
 
 
 @requires_cuda
-@pytest.mark.gpu
 def test_gpu_several_chunks_match_one(generator):
     """The chunk loop (rows_per_chunk 1000 of 8192: a ragged last chunk) against one chunk."""
     x, weight, _, targets = make_inputs(8192, 768, 50257, torch.bfloat16, generator, "cuda", bias=False)
@@ -335,7 +333,6 @@ def test_gpu_several_chunks_match_one(generator):
 
 
 @requires_cuda
-@pytest.mark.gpu
 def test_gpu_peak_memory_is_a_quarter_of_eager(generator):
     """The issue's target at N=8192, V=50257, C=768 in bf16: peak memory of forward +
     backward (beyond the inputs) at most 1/4 of F.cross_entropy(x @ W.T)'s."""
@@ -359,7 +356,6 @@ def test_gpu_peak_memory_is_a_quarter_of_eager(generator):
 
 
 @requires_cuda
-@pytest.mark.gpu
 def test_gpu_compile_fullgraph(generator):
     torch._dynamo.reset()
     x, weight, _, targets = make_inputs(1000, 768, 50257, torch.bfloat16, generator, "cuda", bias=False)
@@ -401,7 +397,6 @@ def test_benchmark_suite_runs_on_cpu(tmp_path):
 # reduction="none"), a vocabulary of one partial block (101, 257) and of two (4097), and a
 # ragged last chunk (37 rows in chunks of 8).
 @requires_cuda
-@pytest.mark.gpu
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("vocab", [101, 257, 4097])
 def test_sanitizer_subset_linear_cross_entropy(vocab, reduction, generator):

@@ -53,7 +53,7 @@ def supports_bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> Optional[str]:
 
 def _elements_per_access(dtype: torch.dtype) -> int:
     """Elements in one 16-byte access: 8 for bf16/fp16, 4 for fp32."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    return 16 // dtype.itemsize
 
 
 def _flat_block(dtype: torch.dtype) -> int:

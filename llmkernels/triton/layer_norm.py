@@ -58,19 +58,6 @@ def supports_layer_norm(
     return reason
 
 
-def supports_add_layer_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
-) -> Optional[str]:
-    """None if the Triton add_layer_norm kernels can take these inputs, else the reason."""
-    reason = supports_layer_norm(x, weight, bias)
-    if reason is None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
-        reason = (
-            f"residual must have x's shape, dtype and device {tuple(x.shape)} {x.dtype} {x.device}, "
-            f"got {tuple(residual.shape)} {residual.dtype} {residual.device}"
-        )
-    return reason
-
-
 def _row_config(num_cols: int, tile_elements: int) -> tuple[int, int, int]:
     """(BLOCK_M rows per tile, BLOCK_N columns per tile, num_warps) for rows of num_cols.
 
@@ -396,7 +383,14 @@ def layer_norm_backward(
 def add_layer_norm_forward(
     x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise_if_unsupported(supports_add_layer_norm(x, residual, weight, bias), "triton_add_layer_norm_forward")
+    reason = supports_layer_norm(x, weight, bias)
+    # add_layer_norm checks residual before dispatch; this guards direct calls of the op.
+    if reason is None and (residual.shape, residual.dtype, residual.device) != (x.shape, x.dtype, x.device):
+        reason = (
+            f"residual must have x's shape, dtype and device {tuple(x.shape)} {x.dtype} {x.device}, "
+            f"got {tuple(residual.shape)} {residual.dtype} {residual.device}"
+        )
+    raise_if_unsupported(reason, "triton_add_layer_norm_forward")
     return _forward(x, residual, weight, bias, eps)
 
 

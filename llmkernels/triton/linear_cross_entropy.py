@@ -43,19 +43,15 @@ NUM_WARPS = 8
 
 
 def supports_linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor]
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Optional[str]:
-    """None if the Triton backend can take these (already validated) inputs, else the reason."""
+    """None if the Triton backend can take these inputs (linear_cross_entropy has checked
+    that they share one dtype and device with targets), else the reason."""
     for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
         if tensor is not None:
             reason = tensor_reason(tensor, name)
             if reason is not None:
                 return reason
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        bias_dtype = None if bias is None else bias.dtype
-        return f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, {bias_dtype}"
-    if targets.device != x.device:
-        return f"targets is on {targets.device}, x on {x.device}"
     return None
 
 
@@ -182,7 +178,7 @@ def _chunked(
     return losses, grad_x, grad_weight, grad_bias
 
 
-def _reduce(losses: torch.Tensor, valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(losses: torch.Tensor, valid_count: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     if reduction == "none":
         return losses
     total = losses.sum()
@@ -190,7 +186,14 @@ def _reduce(losses: torch.Tensor, valid_count: torch.Tensor, reduction: str) -> 
 
 
 def _check_call(op: str, x, weight, targets, bias, reduction: str, rows_per_chunk: int) -> None:
-    raise_if_unsupported(supports_linear_cross_entropy(x, weight, targets, bias), op)
+    """The ops' own checks, for direct calls: linear_cross_entropy checks all this first."""
+    reason = supports_linear_cross_entropy(x, weight, bias)
+    if reason is None and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+        bias_dtype = None if bias is None else bias.dtype
+        reason = f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}, {bias_dtype}"
+    if reason is None and targets.device != x.device:
+        reason = f"targets is on {targets.device}, x on {x.device}"
+    raise_if_unsupported(reason, op)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if rows_per_chunk < 1:
@@ -219,7 +222,8 @@ def linear_cross_entropy_forward(
     (for a loss gradient of 1) come too; otherwise they are empty and the backward op
     recomputes them."""
     _check_call("triton_linear_cross_entropy_forward", x, weight, targets, bias, reduction, rows_per_chunk)
-    valid_count = (targets != ignore_index).sum()  # a device tensor: no sync
+    # Targets not ignored, which only "mean" divides by: a device tensor, no sync.
+    valid_count = (targets != ignore_index).sum() if reduction == "mean" else None
     grad_scale = None
     if compute_grad and reduction != "none":
         grad_scale = (1.0 / valid_count if reduction == "mean" else torch.ones((), device=x.device)).float().reshape(1)
