@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 import torch
+from torch import randn
 
 pytest.importorskip("hypothesis")  # not on the GPU machine; CI requires it (conftest)
 
@@ -21,10 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmkernels
-
-
-def randn(*shape):
-    return torch.randn(*shape)
 
 
 @dataclass(frozen=True)
