@@ -41,7 +41,9 @@ from llm.files import atomic_output
 from llm.generate import complete
 from llm.interrupts import StopRequests, TrainingInterrupted, exit_interrupted
 from llm.model import GPT
-from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
+from llm.runtime import (
+    autocast_for, gather_rng_states, main_process_first, resolve_device, restore_rng_states, setup_distributed,
+)  # fmt: skip
 from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
 
 DEFAULT_PRESET = "tiny"
@@ -343,7 +345,7 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(resume_from["optimizer"])
         loader.load_state_dict(resume_from["data"])
         step, history = resume_from["step"], resume_from["history"]
-        _restore_rng(resume_from["rng"], ddp)
+        restore_rng_states(resume_from["rng"], ddp)
         log(f"resumed from {checkpoint_path} at step {step}")
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # different dropout masks per rank
@@ -365,7 +367,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def save() -> None:
         """The loss curve and a checkpoint at this step (rank 0 writes; every rank takes part)."""
-        rng_states = _gather_rng(ddp)  # rank 0 collects every rank's RNG state for the checkpoint
+        rng_states = gather_rng_states(ddp)  # rank 0 collects every rank's RNG state for the checkpoint
         if not ddp.is_main:
             return
         save_loss_curve(history, out_dir / "loss.png")
@@ -464,29 +466,6 @@ def estimate_loss(model: GPT, windows: TokenWindows, num_batches: int, batch_siz
             losses.append(model(x, y)[1].item())
     model.train(was_training)
     return sum(losses) / len(losses)
-
-
-def _gather_rng(ddp: Distributed) -> list[dict]:
-    """Every rank's generator states (CPU and, if present, CUDA), collected on all ranks."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if not ddp.enabled:
-        return [state]
-    states = [None] * ddp.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def _restore_rng(states: list[dict], ddp: Distributed) -> None:
-    if len(states) != ddp.world_size:
-        raise ValueError(
-            f"the checkpoint was written by {len(states)} process(es); resume it with the same number, "
-            f"not {ddp.world_size}"
-        )
-    torch.set_rng_state(states[ddp.rank]["cpu"])
-    if "cuda" in states[ddp.rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[ddp.rank]["cuda"])
 
 
 def save_loss_curve(history: dict, path: Path) -> None:

@@ -30,12 +30,9 @@ from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
 from llm.interrupts import StopRequests, TrainingInterrupted
 from llm.model import GPT
-from llm.runtime import Distributed, autocast_for, resolve_device
+from llm.runtime import Distributed, autocast_for, gather_rng_states, resolve_device, restore_rng_states
 from llm.tokenizer import tokenizer_to_dict
-from llm.train import (
-    _gather_rng, _restore_rng, build_model, build_optimizer, check_existing_checkpoint, learning_rate,
-    save_loss_curve, shows_bar,
-)  # fmt: skip
+from llm.train import build_model, build_optimizer, check_existing_checkpoint, learning_rate, save_loss_curve, shows_bar
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -111,7 +108,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         optimizer.load_state_dict(resume_from["optimizer"])
         loader.load_state_dict(resume_from["data"])
         step, history, before = resume_from["step"], resume_from["history"], resume_from["evaluation"]["before"]
-        _restore_rng(resume_from["rng"], Distributed())
+        restore_rng_states(resume_from["rng"], Distributed())
         log(f"resumed {cfg.task} fine-tune from {checkpoint_path} at step {step}")
     else:
         before = task.report(model, tokenizer, device, autocast)
@@ -129,7 +126,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "step": step,
             "optimizer": optimizer.state_dict(),
             "data": loader.state_dict(),
-            "rng": _gather_rng(Distributed()),
+            "rng": gather_rng_states(Distributed()),
             "history": history,
             "evaluation": {"before": before},
         }
