@@ -407,24 +407,8 @@ def train(cfg: TrainConfig) -> dict:
     with StopRequests() as stop:
         while step < cfg.max_steps:
             started = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro_step in range(cfg.grad_accum_steps):
-                x, y = loader.next_batch(device)  # (B, T), (B, T)
-                # Under DDP, only the last micro-step all-reduces the accumulated gradients.
-                last = micro_step == cfg.grad_accum_steps - 1
-                sync = model.no_sync() if (ddp.enabled and not last) else contextlib.nullcontext()
-                with sync, autocast:
-                    _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum_steps
-                loss.backward()
-                step_loss += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            no_sync = model.no_sync if ddp.enabled else None
+            lr, step_loss = training_step(model, optimizer, loader, next_token_loss, cfg, step, device, autocast, no_sync)
             if ddp.enabled:
                 dist.all_reduce(step_loss)  # sum over ranks -> mean below
                 step_loss /= ddp.world_size
@@ -451,6 +435,36 @@ def train(cfg: TrainConfig) -> dict:
     if interrupted:
         raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint_path)
     return history
+
+
+def next_token_loss(model, batch) -> torch.Tensor:
+    x, y = batch  # (B, T), (B, T); y == -1 ignored
+    return model(x, y)[1]
+
+
+def training_step(model, optimizer, loader: BatchLoader, loss_of, cfg, step: int, device, autocast, no_sync=None):
+    """Optimizer step number `step` of llm-train and llm-finetune: the scheduled learning rate, the
+    mean of loss_of(model, batch) over cfg.grad_accum_steps micro-batches (their gradients add up),
+    the global gradient norm clipped to cfg.grad_clip (0 = off). no_sync: DDP's model.no_sync, so
+    only the last micro-batch all-reduces the accumulated gradients.
+    Returns (lr, the step's loss as a 0-d tensor on the device: reading it waits for the device)."""
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=device)
+    for micro_step in range(cfg.grad_accum_steps):
+        batch = loader.next_batch(device)
+        last = micro_step == cfg.grad_accum_steps - 1
+        sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with sync, autocast:
+            loss = loss_of(model, batch) / cfg.grad_accum_steps
+        loss.backward()
+        step_loss += loss.detach()
+    if cfg.grad_clip > 0:  # frozen parameters (fine-tuning) have no gradient to clip
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, step_loss
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llm.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint, save_checkpoint
+from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from llm.data import BatchLoader
 from llm.finetune.classify import GPTClassifier, classifier_state
 from llm.finetune.config import ALL_BLOCKS, FinetuneConfig
@@ -32,7 +32,7 @@ from llm.interrupts import StopRequests, TrainingInterrupted
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, gather_rng_states, resolve_device, restore_rng_states
 from llm.tokenizer import tokenizer_to_dict
-from llm.train import build_model, build_optimizer, check_existing_checkpoint, learning_rate, save_loss_curve, shows_bar
+from llm.train import build_model, build_optimizer, check_existing_checkpoint, save_loss_curve, shows_bar, training_step
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -151,20 +151,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with StopRequests() as stop:
         while step < cfg.max_steps:
             started = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum_steps):
-                batch = loader.next_batch(device)
-                with autocast:
-                    loss = task.loss(train_model, batch) / cfg.grad_accum_steps
-                loss.backward()
-                step_loss += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, step_loss = training_step(train_model, optimizer, loader, task.loss, cfg, step, device, autocast)
             step += 1
             history["train_loss"].append(step_loss.item())
             bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", lr=f"{lr:.1e}",
