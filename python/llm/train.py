@@ -281,12 +281,10 @@ def build_model(cfg: TrainConfig, resume_from: dict | None):
         if cfg.context_length is not None:
             overrides["context_length"] = cfg.context_length
         model = GPT(GPTConfig.from_preset(cfg.preset, vocab_size=tokenizer.n_vocab, **overrides))
-    elif Path(cfg.init_from).is_dir() or cfg.init_from.endswith((".safetensors", ".bin")):
-        from llm.weights import load_gpt2_with_tokenizer
-
-        model, tokenizer = load_gpt2_with_tokenizer(cfg.init_from, **overrides)
     else:
-        model, tokenizer = model_from_checkpoint(load_checkpoint(cfg.init_from), **overrides)
+        from llm.weights import load_model_source
+
+        model, tokenizer, _ = load_model_source(cfg.init_from, **overrides)
     if resume_from is not None or cfg.init_from is not None:
         check_context_length(cfg, model.config.context_length, "the initial model")
     if cfg.context_length is not None and cfg.context_length < model.config.context_length:

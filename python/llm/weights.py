@@ -132,6 +132,15 @@ def load_gpt2_with_tokenizer(path: str | os.PathLike, **config_overrides) -> tup
     return model, tokenizer
 
 
+def load_model_source(source: str | os.PathLike, **config_overrides) -> tuple[GPT, tiktoken.Encoding, dict]:
+    """(model, tokenizer, checkpoint dict) from an llm checkpoint file, or from a Hugging Face
+    GPT-2 folder or weights file (.safetensors / .bin), whose checkpoint dict is {}."""
+    if Path(source).is_dir() or str(source).endswith((".safetensors", ".bin")):
+        return *load_gpt2_with_tokenizer(source, **config_overrides), {}
+    checkpoint = load_checkpoint(source)
+    return *model_from_checkpoint(checkpoint, **config_overrides), checkpoint
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT2LMHeadModel's names and layouts (Conv1D transposed)."""
     state = {}
