@@ -27,11 +27,10 @@ from llm.cli import command, int_in, new_parser
 from llm.finetune.classify import classifier_from_checkpoint
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.lora import apply_adapters, merge_lora
-from llm.finetune.loop import autocast_context
 from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
 from llm.model import GPT
-from llm.runtime import resolve_device
+from llm.runtime import autocast_for, resolve_device
 from llm.weights import load_model_source
 
 PROG = "llm-eval"
@@ -85,7 +84,7 @@ def evaluate(
     cfg = FinetuneConfig(**settings)
     labels = getattr(after_model, "labels", None)
     evaluated_task = make_task(cfg, tokenizer, context, labels)
-    autocast = autocast_context(device, cfg.dtype)
+    autocast = autocast_for(device, cfg.dtype)
 
     models = {"after": checkpoint + (f" + {adapters}" if adapters else "")}
     results = {}

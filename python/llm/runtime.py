@@ -38,10 +38,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on a GPU (tensor cores, fp32 master weights); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, dtype: str = "auto"):
+    """dtype "auto": bf16 autocast on a GPU (tensor cores, fp32 master weights), nothing on CPU;
+    "bfloat16" forces it (CPU too); "float32" turns it off (llm-finetune's --dtype)."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

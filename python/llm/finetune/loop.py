@@ -12,7 +12,6 @@ out_dir/
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -33,15 +32,6 @@ from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, gather_rng_states, resolve_device, restore_rng_states
 from llm.tokenizer import tokenizer_to_dict
 from llm.train import build_model, build_optimizer, check_existing_checkpoint, save_loss_curve, shows_bar, training_step
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """--dtype: auto = bf16 autocast on GPU, none on CPU; bfloat16 forces it; float32 turns it off."""
-    if dtype == "auto":
-        return autocast_for(device)
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
@@ -102,7 +92,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         + (f", LoRA rank {cfg.lora_rank} on {', '.join(TARGET_MODULES)}" if cfg.lora_rank else ""))  # fmt: skip
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     loader = BatchLoader(task.train_set, cfg.batch_size, cfg.seed)
-    autocast = autocast_context(device, cfg.dtype)
+    autocast = autocast_for(device, cfg.dtype)
     step, history, before = 0, {"train_loss": [], "val_loss": []}, None
     if resume_from is not None:
         optimizer.load_state_dict(resume_from["optimizer"])
