@@ -88,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[FinetuneConfig, dict | None]:
+    """The run's settings and, with --resume, the checkpoint it continues (read once: finetune takes it)."""
     options = {**vars(args), "progress": PROGRESS_SETTINGS[args.progress]}
     if not args.resume:
-        return FinetuneConfig(**options)
+        return FinetuneConfig(**options), None
     path = Path(args.out_dir) / "ckpt.pt"
     check_existing_checkpoint(args, path)
     checkpoint = load_checkpoint(path)
@@ -106,8 +107,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     saved = checkpoint["finetune_config"]
     given = {name: options[name] for name in RESUME_OPTIONS if getattr(args, name) != parser.get_default(name)}
     # The bar is this invocation's choice, not the saved run's; a resumed run replaces nothing.
-    return FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
-                             "progress": options["progress"]})  # fmt: skip
+    cfg = FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
+                            "progress": options["progress"]})  # fmt: skip
+    return cfg, checkpoint
 
 
 def resume_command(out_dir: str) -> str:
@@ -118,9 +120,9 @@ def resume_command(out_dir: str) -> str:
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    cfg = config_from_args(parser, parser.parse_args(argv))
+    cfg, resume_from = config_from_args(parser, parser.parse_args(argv))
     try:
-        result = finetune(cfg)
+        result = finetune(cfg, resume_from)
     except TrainingInterrupted as stop:
         exit_interrupted(PROG, stop, resume_command(cfg.out_dir))
     history = result["history"]["val_loss"]

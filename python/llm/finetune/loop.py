@@ -48,8 +48,9 @@ def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
     gpt.transformer.ln_f.requires_grad_(True)
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
     """Run (or resume) a fine-tune; returns {"history", "report": {"before", "after"}, "table"}.
+    resume_from: with cfg.resume, the checkpoint if the caller has loaded it already (else it is read here).
     Raises TrainingInterrupted (after saving a checkpoint) on SIGINT / SIGTERM."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("llm-finetune runs in one process, not under torchrun; for plain text on many GPUs "
@@ -59,7 +60,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     checkpoint_path = out_dir / "ckpt.pt"
     check_existing_checkpoint(cfg, checkpoint_path)
-    resume_from = load_checkpoint(checkpoint_path) if cfg.resume else None
+    resume_from = (resume_from or load_checkpoint(checkpoint_path)) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)
     if resume_from is not None and not cfg.lora_rank:
