@@ -171,9 +171,10 @@ def stream_text(
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in stream_tokens(model, prompt, max_new_tokens, eos_token=tokenizer.eot_token, generator=generator,
                                **sampling):  # fmt: skip
-        if token.item() == tokenizer.eot_token:
+        token_id = token.item()  # waits for the device: once per token
+        if token_id == tokenizer.eot_token:
             break
-        piece = decoder.decode(tokenizer.decode_single_token_bytes(token.item()))
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(token_id))
         if piece:
             yield piece
     tail = decoder.decode(b"", final=True)
