@@ -471,12 +471,13 @@ def estimate_loss(model: GPT, windows: TokenWindows, num_batches: int, batch_siz
     was_training = model.training
     model.eval()
     indices = windows.evaluation_indices(num_batches * batch_size)
-    losses = []
+    losses = []  # 0-d tensors, read all at once: one wait for the device instead of one per batch
     for i in range(0, len(indices), batch_size):
         x, y = windows.batch(indices[i : i + batch_size], device)
         with autocast:
-            losses.append(model(x, y)[1].item())
+            losses.append(model(x, y)[1])
     model.train(was_training)
+    losses = torch.stack(losses).tolist()
     return sum(losses) / len(losses)
 
 

@@ -96,20 +96,22 @@ def classification_metrics(model: GPTClassifier, data: ClassificationSet, batch_
     was_training = model.training
     model.eval()
     K = len(model.labels)
-    confusion = torch.zeros(K, K, dtype=torch.long)
-    total_loss = 0.0
+    # Counted and summed on the device, read once at the end (not a wait for the device per batch).
+    confusion = torch.zeros(K * K, dtype=torch.long, device=device)
+    loss_sums = []
     for start in range(0, data.num_windows, batch_size):
         x, lengths, labels = data.batch(range(start, min(start + batch_size, data.num_windows)), device)
         with autocast:
             logits = model(x, lengths).float()  # (B, K)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        loss_sums.append(F.cross_entropy(logits, labels, reduction="sum"))
         predicted = logits.argmax(dim=-1)  # (B,)
-        confusion += torch.bincount(labels.cpu() * K + predicted.cpu(), minlength=K * K).view(K, K)
+        confusion += torch.bincount(labels * K + predicted, minlength=K * K)
     model.train(was_training)
+    confusion = confusion.view(K, K).cpu()
     n = data.num_windows
     return {
         "examples": n,
-        "loss": total_loss / n,
+        "loss": sum(torch.stack(loss_sums).tolist()) / n,
         "accuracy": confusion.diag().sum().item() / n,
         "majority_class_accuracy": majority_class_accuracy(confusion.tolist()),
         "labels": model.labels,
