@@ -37,10 +37,10 @@ from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoi
 from llm.cli import checked_by, command, device_name, existing_path, float_in, int_in, new_parser
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
-from llm.files import atomic_output
 from llm.generate import complete
 from llm.interrupts import StopRequests, TrainingInterrupted, exit_interrupted
 from llm.model import GPT
+from llm.plots import new_figure, save_png
 from llm.runtime import (
     autocast_for, gather_rng_states, main_process_first, resolve_device, restore_rng_states, setup_distributed,
 )  # fmt: skip
@@ -482,12 +482,7 @@ def estimate_loss(model: GPT, windows: TokenWindows, num_batches: int, batch_siz
 
 
 def save_loss_curve(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, axes = new_figure(figsize=(7, 4))
     axes.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], label="train", alpha=0.7)
     if history["val_loss"]:
         steps, losses = zip(*history["val_loss"])
@@ -496,10 +491,7 @@ def save_loss_curve(history: dict, path: Path) -> None:
     axes.set_ylabel("cross-entropy loss (nats/token)")
     axes.legend()
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.finetune.datasets import LabelledText
-from llm.files import atomic_output
 from llm.model import GPT
+from llm.plots import new_figure, save_png
 
 
 class GPTClassifier(nn.Module):
@@ -121,14 +121,9 @@ def classification_metrics(model: GPTClassifier, data: ClassificationSet, batch_
 
 def save_confusion_plot(panels: dict[str, dict], path) -> None:
     """One confusion-matrix heat map per panel (e.g. "test, before" and "test, after"), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     K = len(next(iter(panels.values()))["labels"])
     size = 2.5 + 0.35 * K
-    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    figure, axes = new_figure(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
     for axis, (title, metrics) in zip(axes[0], panels.items()):
         counts = np.array(metrics["confusion"], dtype=float)
         axis.imshow(counts, cmap="Blues")
@@ -142,10 +137,7 @@ def save_confusion_plot(panels: dict[str, dict], path) -> None:
                 for j in range(K):
                     axis.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
                               color="white" if counts[i, j] > counts.max() / 2 else "black")  # fmt: skip
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def majority_class_accuracy(confusion: list[list[int]]) -> float:
