@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.data import BatchLoader
 from llm.finetune.classify import GPTClassifier, classifier_state
 from llm.finetune.config import ALL_BLOCKS, FinetuneConfig
@@ -63,10 +63,8 @@ def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
     resume_from = (resume_from or load_checkpoint(checkpoint_path)) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)
-    if resume_from is not None and not cfg.lora_rank:
-        gpt, tokenizer = model_from_checkpoint(resume_from, use_fused=cfg.use_fused, dropout=cfg.dropout)
-    else:  # a LoRA run resumes from its base model plus the saved adapters
-        gpt, tokenizer = build_model(cfg, None)
+    # A LoRA run resumes from its base model (init_from) plus the saved adapters.
+    gpt, tokenizer = build_model(cfg, None if cfg.lora_rank else resume_from)
     context = gpt.config.context_length
     labels = resume_from["classifier"]["labels"] if resume_from is not None and cfg.task == "classify" else None
     task = make_task(cfg, tokenizer, context, labels)
