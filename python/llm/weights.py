@@ -23,7 +23,7 @@ import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.checkpoint import load_checkpoint, model_from_checkpoint
+from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
 from llm.cli import command, existing_file, new_parser
 from llm.config import GPTConfig
 from llm.files import atomic_output
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already holds an export; pass --overwrite to replace it")
     checkpoint = load_checkpoint(args.checkpoint)
-    task = checkpoint.get("task", "lm")
+    task = checkpoint_task(checkpoint)
     if task not in ("lm", "instruct"):
         raise ValueError(f"--checkpoint {args.checkpoint} is a {task!r} model; only language models export as GPT-2")
     model, tokenizer = model_from_checkpoint(checkpoint)
