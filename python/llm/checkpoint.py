@@ -76,6 +76,7 @@ def payload_digest(payload) -> str:
     visit(payload)
     return digest.hexdigest()
 
+
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     """Write the checkpoint with its checksum and the package version, atomically."""
     envelope = {"payload": checkpoint, "sha256": payload_digest(checkpoint), "llmkernels_version": package_version()}
