@@ -34,7 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint
-from llm.cli import checked_by, command, device_name, existing_path, float_in, int_in, new_parser
+from llm.cli import (
+    PROGRESS_SETTINGS, add_progress_options, checked_by, command, device_name, existing_path, float_in, int_in,
+    new_parser, shows_bar,
+)  # fmt: skip
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
 from llm.generate import complete
@@ -124,20 +127,6 @@ NUMERIC_SETTINGS = {
 }
 # What fixes the model and its tokens: a resumed run takes these from its checkpoint.
 RESUMED_SETTINGS = ("preset", "context_length", "tokenizer", "init_from")
-# --progress (llm-train and llm-finetune): the tqdm bar; None = only when stderr is a terminal,
-# so redirected logs get no carriage-return frames. Evaluation lines print either way.
-PROGRESS_SETTINGS = {"auto": None, "on": True, "off": False}
-
-
-def add_progress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--progress", choices=list(PROGRESS_SETTINGS), default="auto",
-                        help="the progress bar: auto = only on a terminal (evaluations always print)")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const="off", help="--progress off")
-
-
-def shows_bar(progress: bool | None) -> bool:
-    """Whether the progress bar draws, for a PROGRESS_SETTINGS value."""
-    return sys.stderr.isatty() if progress is None else progress
 
 
 def option(name: str) -> str:
