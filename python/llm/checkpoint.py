@@ -112,6 +112,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
+def check_existing_checkpoint(cfg, path: Path) -> None:
+    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it.
+    cfg: anything with .resume and .overwrite (TrainConfig, llm-finetune's config or its parsed options)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
+    if cfg.resume and not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not (cfg.resume or cfg.overwrite) and path.exists():
+        raise FileExistsError(
+            f"{path} already exists; pass --resume to continue it, --overwrite to replace it, "
+            f"or another --out-dir"
+        )
+
+
 def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """model.load_state_dict with an error that names every mismatched key and shape."""
     expected = model.state_dict()

@@ -33,7 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint
+from llm.checkpoint import (
+    check_existing_checkpoint, checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint,
+)  # fmt: skip
 from llm.cli import (
     PROGRESS_SETTINGS, add_progress_options, checked_by, command, device_name, existing_path, float_in, int_in,
     new_parser, shows_bar,
@@ -169,20 +171,6 @@ def check_context_length(cfg: TrainConfig, supported: int, source: str) -> None:
         raise ValueError(
             f"--context-length {cfg.context_length} is more than {source} supports ({supported}); "
             f"pass at most {supported}"
-        )
-
-
-def check_existing_checkpoint(cfg, path: Path) -> None:
-    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it.
-    cfg: anything with .resume and .overwrite (TrainConfig, llm-finetune's config or its parsed options)."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
-    if cfg.resume and not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if not (cfg.resume or cfg.overwrite) and path.exists():
-        raise FileExistsError(
-            f"{path} already exists; pass --resume to continue it, --overwrite to replace it, "
-            f"or another --out-dir"
         )
 
 

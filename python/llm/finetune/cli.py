@@ -25,12 +25,11 @@ import argparse
 import shlex
 from pathlib import Path
 
-from llm.checkpoint import TASKS, load_checkpoint
+from llm.checkpoint import TASKS, check_existing_checkpoint, load_checkpoint
 from llm.cli import PROGRESS_SETTINGS, add_progress_options, command, float_in, int_in, new_parser
 from llm.finetune.config import ALL_BLOCKS, DTYPES, FinetuneConfig
 from llm.finetune.loop import finetune
 from llm.interrupts import TrainingInterrupted, exit_interrupted
-from llm.train import check_existing_checkpoint
 
 PROG = "llm-finetune"
 # What may change when resuming; everything else continues as the fine-tune started.

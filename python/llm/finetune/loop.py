@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llm.checkpoint import load_checkpoint, save_checkpoint
+from llm.checkpoint import check_existing_checkpoint, load_checkpoint, save_checkpoint
 from llm.cli import shows_bar
 from llm.data import BatchLoader
 from llm.finetune.classify import GPTClassifier, classifier_state
@@ -32,7 +32,7 @@ from llm.interrupts import StopRequests, TrainingInterrupted
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, gather_rng_states, resolve_device, restore_rng_states
 from llm.tokenizer import tokenizer_to_dict
-from llm.train import build_model, build_optimizer, check_existing_checkpoint, save_loss_curve, training_step
+from llm.train import build_model, build_optimizer, save_loss_curve, training_step
 
 
 def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
