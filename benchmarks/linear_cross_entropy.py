@@ -34,9 +34,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from llm.files import write_text
+from llm.plots import save_png
+
 from .kernels import recording_error
 from .measure import REPO_ROOT
-from .report import fmt, markdown_table, save_png, write_text
+from .report import fmt, markdown_table
 
 IGNORE_INDEX = -1
 # (N rows, C hidden, V vocabulary): GPT-2 124M at 8 and 16 x 1024 tokens, and a Llama-3-like head.

@@ -8,7 +8,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from llm.files import atomic_output, write_text
+from llm.files import write_text
+from llm.plots import save_png
 
 PROVIDER_ORDER = ["ours:cuda", "ours:triton", "ours:reference", "torch:eager", "torch:compile",
                   "sdpa:flash", "sdpa:cudnn", "sdpa:efficient"]
@@ -423,15 +424,6 @@ def plot(run: dict, path: Path) -> None:
     fig.suptitle(f"llmkernels benchmarks: {run['env']['device']}{' (CPU wall-clock)' if run['mode'] == 'cpu' else ''}")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     save_png(fig, path)
-
-
-def save_png(fig, path: Path) -> None:
-    """Writes the matplotlib figure atomically as a PNG and closes it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
 
 
 def write_outputs(run: dict, out_dir: Path) -> dict:

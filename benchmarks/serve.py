@@ -32,12 +32,14 @@ import torch
 from llm.checkpoint import save_checkpoint
 from llm.cli import int_in
 from llm.config import GPTConfig
+from llm.files import write_text
 from llm.model import GPT
+from llm.plots import save_png
 from llm.serving.launch import serve_in_subprocess
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
 
 from .measure import REPO_ROOT, device_slug, environment
-from .report import fmt, save_png, write_text
+from .report import fmt
 
 # Prompts are cut from this text; the tiny model's 512-token BPE is learned on it (a small
 # vocabulary, as the "tiny" preset's learned one).

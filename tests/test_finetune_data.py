@@ -29,6 +29,13 @@ def test_csv_with_header_and_quoted_commas(tmp_path):
     assert read_labelled_text(path) == [LabelledText("pos", "Great, really great"), LabelledText("neg", "bad")]
 
 
+def assert_refused(read, path, content: str, message: str) -> None:
+    """A data file holding `content` is refused by `read` with a ValueError matching `message`."""
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        read(path)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -40,10 +47,7 @@ def test_csv_with_header_and_quoted_commas(tmp_path):
     ],
 )
 def test_malformed_labelled_text(tmp_path, content, message):
-    path = tmp_path / "x.tsv"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message):
-        read_labelled_text(path)
+    assert_refused(read_labelled_text, tmp_path / "x.tsv", content, message)
 
 
 def test_instructions_from_json_and_jsonl(tmp_path):
@@ -71,10 +75,7 @@ def test_instructions_from_json_and_jsonl(tmp_path):
     ],
 )  # fmt: skip
 def test_malformed_instructions(tmp_path, content, message):
-    path = tmp_path / "r.jsonl"
-    path.write_text(content)
-    with pytest.raises(ValueError, match=message):
-        read_instructions(path)
+    assert_refused(read_instructions, tmp_path / "r.jsonl", content, message)
 
 
 def test_missing_and_undecodable_files(tmp_path):

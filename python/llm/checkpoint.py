@@ -76,6 +76,7 @@ def payload_digest(payload) -> str:
     visit(payload)
     return digest.hexdigest()
 
+
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     """Write the checkpoint with its checksum and the package version, atomically."""
     envelope = {"payload": checkpoint, "sha256": payload_digest(checkpoint), "llmkernels_version": package_version()}
@@ -109,6 +110,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not an llm checkpoint: expected keys {list(REQUIRED_KEYS)}, found {found}")
     return checkpoint
+
+
+def check_existing_checkpoint(cfg, path: Path) -> None:
+    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it.
+    cfg: anything with .resume and .overwrite (TrainConfig, llm-finetune's config or its parsed options)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
+    if cfg.resume and not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if not (cfg.resume or cfg.overwrite) and path.exists():
+        raise FileExistsError(
+            f"{path} already exists; pass --resume to continue it, --overwrite to replace it, "
+            f"or another --out-dir"
+        )
 
 
 def load_model_state(model: GPT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -146,6 +146,22 @@ def device_name(text: str) -> str:
     return text
 
 
+# --progress (llm-train and llm-finetune): the tqdm bar; None = only when stderr is a terminal,
+# so redirected logs get no carriage-return frames. Evaluation lines print either way.
+PROGRESS_SETTINGS = {"auto": None, "on": True, "off": False}
+
+
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=list(PROGRESS_SETTINGS), default="auto",
+                        help="the progress bar: auto = only on a terminal (evaluations always print)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const="off", help="--progress off")
+
+
+def shows_bar(progress: bool | None) -> bool:
+    """Whether the progress bar draws, for a PROGRESS_SETTINGS value."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 def command(prog: str):
     """Decorator for a console script's main(argv): bad input -> "prog: error: ..." on stderr
     and exit status 2 (argparse's own convention); Ctrl-C -> one line and status 130."""

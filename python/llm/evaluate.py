@@ -20,33 +20,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import tiktoken
 import torch
 
-from llm.checkpoint import TASKS, checkpoint_task, load_checkpoint, model_from_checkpoint
+from llm.checkpoint import TASKS, checkpoint_task
 from llm.cli import command, int_in, new_parser
 from llm.finetune.classify import classifier_from_checkpoint
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.lora import apply_adapters, merge_lora
-from llm.finetune.loop import autocast_context
 from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
 from llm.model import GPT
-from llm.runtime import resolve_device
+from llm.runtime import autocast_for, resolve_device
+from llm.weights import load_model_source
 
 PROG = "llm-eval"
-
-
-def load_source(source: str, use_fused: bool) -> tuple[GPT, tiktoken.Encoding, dict]:
-    """(GPT body, tokenizer, checkpoint dict) from an llm checkpoint or a GPT-2 folder ({})."""
-    if Path(source).is_dir() or source.endswith((".safetensors", ".bin")):
-        from llm.tokenizer import gpt2_tokenizer
-        from llm.weights import load_gpt2
-
-        return load_gpt2(source, use_fused=use_fused), gpt2_tokenizer(), {}
-    checkpoint = load_checkpoint(source)
-    model, tokenizer = model_from_checkpoint(checkpoint, use_fused=use_fused)
-    return model, tokenizer, checkpoint
 
 
 def task_model(gpt: GPT, checkpoint: dict, task: str, head_key: str = "head"):
@@ -74,7 +61,7 @@ def evaluate(
 ) -> tuple[dict, str]:
     """(results {"before"?, "after"}, table); writes the report files into out_dir."""
     device = resolve_device(device)
-    gpt, tokenizer, saved = load_source(checkpoint, use_fused)
+    gpt, tokenizer, saved = load_model_source(checkpoint, use_fused=use_fused)
     context = gpt.config.context_length
     finetune_config = saved.get("finetune_config") or {}
     if adapters:  # "before" is then the base model itself (not a classifier: its head is new)
@@ -97,14 +84,14 @@ def evaluate(
     cfg = FinetuneConfig(**settings)
     labels = getattr(after_model, "labels", None)
     evaluated_task = make_task(cfg, tokenizer, context, labels)
-    autocast = autocast_context(device, cfg.dtype)
+    autocast = autocast_for(device, cfg.dtype)
 
     models = {"after": checkpoint + (f" + {adapters}" if adapters else "")}
     results = {}
     if before == "auto":
         before = finetune_config.get("init_from")
     if before and before != "none":
-        before_gpt, _, before_saved = load_source(before, use_fused)
+        before_gpt, _, before_saved = load_model_source(before, use_fused=use_fused)
         if before_gpt.config.context_length > context:
             before_gpt.crop_context(context)  # as the fine-tune did
         if task == "classify":  # a classifier's own head, or the head the fine-tune started with

@@ -171,9 +171,10 @@ def stream_text(
     text = TextStream(tokenizer, stop=[])
     for token in stream_tokens(model, prompt, max_new_tokens, eos_token=tokenizer.eot_token, generator=generator,
                                **sampling):  # fmt: skip
-        if token.item() == tokenizer.eot_token:
+        token_id = token.item()  # waits for the device: once per token
+        if token_id == tokenizer.eot_token:
             break
-        piece = text.push(token.item())
+        piece = text.push(token_id)
         if piece:
             yield piece
     tail = text.finish()

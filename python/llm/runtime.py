@@ -1,4 +1,5 @@
-"""Where a job runs: the device, bf16 autocast on GPUs, and torchrun's processes.
+"""Where a job runs: the device, bf16 autocast on GPUs, torchrun's processes and each
+process's random generators (saved in checkpoints for an exact resume).
 
 A leaf module (imports only torch), so training, generation, fine-tuning, evaluation
 and serving all pick devices the same way without importing each other.
@@ -37,10 +38,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on a GPU (tensor cores, fp32 master weights); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, dtype: str = "auto"):
+    """dtype "auto": bf16 autocast on a GPU (tensor cores, fp32 master weights), nothing on CPU;
+    "bfloat16" forces it (CPU too); "float32" turns it off (llm-finetune's --dtype)."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -80,3 +82,27 @@ def main_process_first(ddp: Distributed, fn):
     if not ddp.is_main:
         result = fn()
     return result
+
+
+def gather_rng_states(ddp: Distributed) -> list[dict]:
+    """Every rank's generator states (CPU and, if present, CUDA), collected on all ranks."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not ddp.enabled:
+        return [state]
+    states = [None] * ddp.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states: list[dict], ddp: Distributed) -> None:
+    """This rank's generator states from gather_rng_states' list (a resumed run needs the same world size)."""
+    if len(states) != ddp.world_size:
+        raise ValueError(
+            f"the checkpoint was written by {len(states)} process(es); resume it with the same number, "
+            f"not {ddp.world_size}"
+        )
+    torch.set_rng_state(states[ddp.rank]["cpu"])
+    if "cuda" in states[ddp.rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[ddp.rank]["cuda"])

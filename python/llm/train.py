@@ -33,15 +33,22 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint
-from llm.cli import checked_by, command, device_name, existing_path, float_in, int_in, new_parser
+from llm.checkpoint import (
+    check_existing_checkpoint, checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint,
+)  # fmt: skip
+from llm.cli import (
+    PROGRESS_SETTINGS, add_progress_options, checked_by, command, device_name, existing_path, float_in, int_in,
+    new_parser, shows_bar,
+)  # fmt: skip
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
-from llm.files import atomic_output
 from llm.generate import complete
 from llm.interrupts import StopRequests, TrainingInterrupted, exit_interrupted
 from llm.model import GPT
-from llm.runtime import Distributed, autocast_for, main_process_first, resolve_device, setup_distributed
+from llm.plots import new_figure, save_png
+from llm.runtime import (
+    autocast_for, gather_rng_states, main_process_first, resolve_device, restore_rng_states, setup_distributed,
+)  # fmt: skip
 from llm.tokenizer import LEARNED_PREFIX, check_tokenizer_spec, get_tokenizer, tokenizer_to_dict
 
 DEFAULT_PRESET = "tiny"
@@ -122,20 +129,6 @@ NUMERIC_SETTINGS = {
 }
 # What fixes the model and its tokens: a resumed run takes these from its checkpoint.
 RESUMED_SETTINGS = ("preset", "context_length", "tokenizer", "init_from")
-# --progress (llm-train and llm-finetune): the tqdm bar; None = only when stderr is a terminal,
-# so redirected logs get no carriage-return frames. Evaluation lines print either way.
-PROGRESS_SETTINGS = {"auto": None, "on": True, "off": False}
-
-
-def add_progress_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--progress", choices=list(PROGRESS_SETTINGS), default="auto",
-                        help="the progress bar: auto = only on a terminal (evaluations always print)")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const="off", help="--progress off")
-
-
-def shows_bar(progress: bool | None) -> bool:
-    """Whether the progress bar draws, for a PROGRESS_SETTINGS value."""
-    return sys.stderr.isatty() if progress is None else progress
 
 
 def option(name: str) -> str:
@@ -178,20 +171,6 @@ def check_context_length(cfg: TrainConfig, supported: int, source: str) -> None:
         raise ValueError(
             f"--context-length {cfg.context_length} is more than {source} supports ({supported}); "
             f"pass at most {supported}"
-        )
-
-
-def check_existing_checkpoint(cfg, path: Path) -> None:
-    """A new run never silently replaces a checkpoint: --resume continues it, --overwrite replaces it.
-    cfg: anything with .resume and .overwrite (TrainConfig, llm-finetune's config or its parsed options)."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; the checkpoint goes there as a file")
-    if cfg.resume and not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if not (cfg.resume or cfg.overwrite) and path.exists():
-        raise FileExistsError(
-            f"{path} already exists; pass --resume to continue it, --overwrite to replace it, "
-            f"or another --out-dir"
         )
 
 
@@ -279,12 +258,10 @@ def build_model(cfg: TrainConfig, resume_from: dict | None):
         if cfg.context_length is not None:
             overrides["context_length"] = cfg.context_length
         model = GPT(GPTConfig.from_preset(cfg.preset, vocab_size=tokenizer.n_vocab, **overrides))
-    elif Path(cfg.init_from).is_dir() or cfg.init_from.endswith((".safetensors", ".bin")):
-        from llm.weights import load_gpt2_with_tokenizer
-
-        model, tokenizer = load_gpt2_with_tokenizer(cfg.init_from, **overrides)
     else:
-        model, tokenizer = model_from_checkpoint(load_checkpoint(cfg.init_from), **overrides)
+        from llm.weights import load_model_source
+
+        model, tokenizer, _ = load_model_source(cfg.init_from, **overrides)
     if resume_from is not None or cfg.init_from is not None:
         check_context_length(cfg, model.config.context_length, "the initial model")
     if cfg.context_length is not None and cfg.context_length < model.config.context_length:
@@ -343,7 +320,7 @@ def train(cfg: TrainConfig) -> dict:
         optimizer.load_state_dict(resume_from["optimizer"])
         loader.load_state_dict(resume_from["data"])
         step, history = resume_from["step"], resume_from["history"]
-        _restore_rng(resume_from["rng"], ddp)
+        restore_rng_states(resume_from["rng"], ddp)
         log(f"resumed from {checkpoint_path} at step {step}")
     else:
         torch.manual_seed(cfg.seed + ddp.rank)  # different dropout masks per rank
@@ -365,7 +342,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def save() -> None:
         """The loss curve and a checkpoint at this step (rank 0 writes; every rank takes part)."""
-        rng_states = _gather_rng(ddp)  # rank 0 collects every rank's RNG state for the checkpoint
+        rng_states = gather_rng_states(ddp)  # rank 0 collects every rank's RNG state for the checkpoint
         if not ddp.is_main:
             return
         save_loss_curve(history, out_dir / "loss.png")
@@ -405,24 +382,8 @@ def train(cfg: TrainConfig) -> dict:
     with StopRequests() as stop:
         while step < cfg.max_steps:
             started = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro_step in range(cfg.grad_accum_steps):
-                x, y = loader.next_batch(device)  # (B, T), (B, T)
-                # Under DDP, only the last micro-step all-reduces the accumulated gradients.
-                last = micro_step == cfg.grad_accum_steps - 1
-                sync = model.no_sync() if (ddp.enabled and not last) else contextlib.nullcontext()
-                with sync, autocast:
-                    _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum_steps
-                loss.backward()
-                step_loss += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            no_sync = model.no_sync if ddp.enabled else None
+            lr, step_loss = training_step(model, optimizer, loader, next_token_loss, cfg, step, device, autocast, no_sync)
             if ddp.enabled:
                 dist.all_reduce(step_loss)  # sum over ranks -> mean below
                 step_loss /= ddp.world_size
@@ -451,51 +412,54 @@ def train(cfg: TrainConfig) -> dict:
     return history
 
 
+def next_token_loss(model, batch) -> torch.Tensor:
+    x, y = batch  # (B, T), (B, T); y == -1 ignored
+    return model(x, y)[1]
+
+
+def training_step(model, optimizer, loader: BatchLoader, loss_of, cfg, step: int, device, autocast, no_sync=None):
+    """Optimizer step number `step` of llm-train and llm-finetune: the scheduled learning rate, the
+    mean of loss_of(model, batch) over cfg.grad_accum_steps micro-batches (their gradients add up),
+    the global gradient norm clipped to cfg.grad_clip (0 = off). no_sync: DDP's model.no_sync, so
+    only the last micro-batch all-reduces the accumulated gradients.
+    Returns (lr, the step's loss as a 0-d tensor on the device: reading it waits for the device)."""
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=device)
+    for micro_step in range(cfg.grad_accum_steps):
+        batch = loader.next_batch(device)
+        last = micro_step == cfg.grad_accum_steps - 1
+        sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with sync, autocast:
+            loss = loss_of(model, batch) / cfg.grad_accum_steps
+        loss.backward()
+        step_loss += loss.detach()
+    if cfg.grad_clip > 0:  # frozen parameters (fine-tuning) have no gradient to clip
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, step_loss
+
+
 @torch.no_grad()
 def estimate_loss(model: GPT, windows: TokenWindows, num_batches: int, batch_size: int, device, autocast) -> float:
     """Mean loss over num_batches * batch_size windows spread evenly over the split."""
     was_training = model.training
     model.eval()
     indices = windows.evaluation_indices(num_batches * batch_size)
-    losses = []
+    losses = []  # 0-d tensors, read all at once: one wait for the device instead of one per batch
     for i in range(0, len(indices), batch_size):
         x, y = windows.batch(indices[i : i + batch_size], device)
         with autocast:
-            losses.append(model(x, y)[1].item())
+            losses.append(model(x, y)[1])
     model.train(was_training)
+    losses = torch.stack(losses).tolist()
     return sum(losses) / len(losses)
 
 
-def _gather_rng(ddp: Distributed) -> list[dict]:
-    """Every rank's generator states (CPU and, if present, CUDA), collected on all ranks."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if not ddp.enabled:
-        return [state]
-    states = [None] * ddp.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def _restore_rng(states: list[dict], ddp: Distributed) -> None:
-    if len(states) != ddp.world_size:
-        raise ValueError(
-            f"the checkpoint was written by {len(states)} process(es); resume it with the same number, "
-            f"not {ddp.world_size}"
-        )
-    torch.set_rng_state(states[ddp.rank]["cpu"])
-    if "cuda" in states[ddp.rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[ddp.rank]["cuda"])
-
-
 def save_loss_curve(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, axes = new_figure(figsize=(7, 4))
     axes.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], label="train", alpha=0.7)
     if history["val_loss"]:
         steps, losses = zip(*history["val_loss"])
@@ -505,9 +469,7 @@ def save_loss_curve(history: dict, path: Path) -> None:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

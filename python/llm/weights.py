@@ -23,7 +23,7 @@ import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.checkpoint import load_checkpoint, model_from_checkpoint
+from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
 from llm.cli import command, existing_file, new_parser
 from llm.config import GPTConfig
 from llm.files import atomic_output
@@ -132,6 +132,15 @@ def load_gpt2_with_tokenizer(path: str | os.PathLike, **config_overrides) -> tup
     return model, tokenizer
 
 
+def load_model_source(source: str | os.PathLike, **config_overrides) -> tuple[GPT, tiktoken.Encoding, dict]:
+    """(model, tokenizer, checkpoint dict) from an llm checkpoint file, or from a Hugging Face
+    GPT-2 folder or weights file (.safetensors / .bin), whose checkpoint dict is {}."""
+    if Path(source).is_dir() or str(source).endswith((".safetensors", ".bin")):
+        return *load_gpt2_with_tokenizer(source, **config_overrides), {}
+    checkpoint = load_checkpoint(source)
+    return *model_from_checkpoint(checkpoint, **config_overrides), checkpoint
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under GPT2LMHeadModel's names and layouts (Conv1D transposed)."""
     state = {}
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     if (out / "model.safetensors").exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} already holds an export; pass --overwrite to replace it")
     checkpoint = load_checkpoint(args.checkpoint)
-    task = checkpoint.get("task", "lm")
+    task = checkpoint_task(checkpoint)
     if task not in ("lm", "instruct"):
         raise ValueError(f"--checkpoint {args.checkpoint} is a {task!r} model; only language models export as GPT-2")
     model, tokenizer = model_from_checkpoint(checkpoint)

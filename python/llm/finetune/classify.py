@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.finetune.datasets import LabelledText
-from llm.files import atomic_output
 from llm.model import GPT
+from llm.plots import new_figure, save_png
 
 
 class GPTClassifier(nn.Module):
@@ -96,20 +96,22 @@ def classification_metrics(model: GPTClassifier, data: ClassificationSet, batch_
     was_training = model.training
     model.eval()
     K = len(model.labels)
-    confusion = torch.zeros(K, K, dtype=torch.long)
-    total_loss = 0.0
+    # Counted and summed on the device, read once at the end (not a wait for the device per batch).
+    confusion = torch.zeros(K * K, dtype=torch.long, device=device)
+    loss_sums = []
     for start in range(0, data.num_windows, batch_size):
         x, lengths, labels = data.batch(range(start, min(start + batch_size, data.num_windows)), device)
         with autocast:
             logits = model(x, lengths).float()  # (B, K)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        loss_sums.append(F.cross_entropy(logits, labels, reduction="sum"))
         predicted = logits.argmax(dim=-1)  # (B,)
-        confusion += torch.bincount(labels.cpu() * K + predicted.cpu(), minlength=K * K).view(K, K)
+        confusion += torch.bincount(labels * K + predicted, minlength=K * K)
     model.train(was_training)
+    confusion = confusion.view(K, K).cpu()
     n = data.num_windows
     return {
         "examples": n,
-        "loss": total_loss / n,
+        "loss": sum(torch.stack(loss_sums).tolist()) / n,
         "accuracy": confusion.diag().sum().item() / n,
         "majority_class_accuracy": majority_class_accuracy(confusion.tolist()),
         "labels": model.labels,
@@ -119,14 +121,9 @@ def classification_metrics(model: GPTClassifier, data: ClassificationSet, batch_
 
 def save_confusion_plot(panels: dict[str, dict], path) -> None:
     """One confusion-matrix heat map per panel (e.g. "test, before" and "test, after"), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     K = len(next(iter(panels.values()))["labels"])
     size = 2.5 + 0.35 * K
-    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    figure, axes = new_figure(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
     for axis, (title, metrics) in zip(axes[0], panels.items()):
         counts = np.array(metrics["confusion"], dtype=float)
         axis.imshow(counts, cmap="Blues")
@@ -141,9 +138,7 @@ def save_confusion_plot(panels: dict[str, dict], path) -> None:
                     axis.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
                               color="white" if counts[i, j] > counts.max() / 2 else "black")  # fmt: skip
     figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def majority_class_accuracy(confusion: list[list[int]]) -> float:

@@ -25,12 +25,11 @@ import argparse
 import shlex
 from pathlib import Path
 
-from llm.checkpoint import TASKS, load_checkpoint
-from llm.cli import command, float_in, int_in, new_parser
+from llm.checkpoint import TASKS, check_existing_checkpoint, load_checkpoint
+from llm.cli import PROGRESS_SETTINGS, add_progress_options, command, float_in, int_in, new_parser
 from llm.finetune.config import ALL_BLOCKS, DTYPES, FinetuneConfig
 from llm.finetune.loop import finetune
 from llm.interrupts import TrainingInterrupted, exit_interrupted
-from llm.train import PROGRESS_SETTINGS, add_progress_options, check_existing_checkpoint
 
 PROG = "llm-finetune"
 # What may change when resuming; everything else continues as the fine-tune started.
@@ -88,10 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> FinetuneConfig:
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[FinetuneConfig, dict | None]:
+    """The run's settings and, with --resume, the checkpoint it continues (read once: finetune takes it)."""
     options = {**vars(args), "progress": PROGRESS_SETTINGS[args.progress]}
     if not args.resume:
-        return FinetuneConfig(**options)
+        return FinetuneConfig(**options), None
     path = Path(args.out_dir) / "ckpt.pt"
     check_existing_checkpoint(args, path)
     checkpoint = load_checkpoint(path)
@@ -106,8 +106,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     saved = checkpoint["finetune_config"]
     given = {name: options[name] for name in RESUME_OPTIONS if getattr(args, name) != parser.get_default(name)}
     # The bar is this invocation's choice, not the saved run's; a resumed run replaces nothing.
-    return FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
-                             "progress": options["progress"]})  # fmt: skip
+    cfg = FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
+                            "progress": options["progress"]})  # fmt: skip
+    return cfg, checkpoint
 
 
 def resume_command(out_dir: str) -> str:
@@ -118,9 +119,9 @@ def resume_command(out_dir: str) -> str:
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    cfg = config_from_args(parser, parser.parse_args(argv))
+    cfg, resume_from = config_from_args(parser, parser.parse_args(argv))
     try:
-        result = finetune(cfg)
+        result = finetune(cfg, resume_from)
     except TrainingInterrupted as stop:
         exit_interrupted(PROG, stop, resume_command(cfg.out_dir))
     history = result["history"]["val_loss"]

@@ -75,15 +75,15 @@ def response_loss(model, data: InstructionSet, batch_size: int, device, autocast
     """Mean loss per trained token over all of `data`, and its perplexity."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    losses, counts = [], []  # per batch: its mean loss and its trained tokens, read all at once at the end
     for start in range(0, data.num_windows, batch_size):
         x, y = data.batch(range(start, min(start + batch_size, data.num_windows)), device)
-        n = (y != IGNORE).sum().item()
+        counts.append((y != IGNORE).sum())
         with autocast:
-            total += model(x, y)[1].float().item() * n
-        tokens += n
+            losses.append(model(x, y)[1].float())
     model.train(was_training)
-    loss = total / tokens
+    counts = torch.stack(counts).tolist()
+    loss = sum(mean * n for mean, n in zip(torch.stack(losses).tolist(), counts)) / sum(counts)
     return {"examples": data.num_windows, "loss": loss, "perplexity": float(torch.tensor(loss).exp())}
 
 

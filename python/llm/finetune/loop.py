@@ -12,7 +12,6 @@ out_dir/
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llm.checkpoint import load_checkpoint, load_model_state, model_from_checkpoint, save_checkpoint
+from llm.checkpoint import check_existing_checkpoint, load_checkpoint, save_checkpoint
+from llm.cli import shows_bar
 from llm.data import BatchLoader
 from llm.finetune.classify import GPTClassifier, classifier_state
 from llm.finetune.config import ALL_BLOCKS, FinetuneConfig
@@ -30,21 +30,9 @@ from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
 from llm.interrupts import StopRequests, TrainingInterrupted
 from llm.model import GPT
-from llm.runtime import Distributed, autocast_for, resolve_device
+from llm.runtime import Distributed, autocast_for, gather_rng_states, resolve_device, restore_rng_states
 from llm.tokenizer import tokenizer_to_dict
-from llm.train import (
-    _gather_rng, _restore_rng, build_model, build_optimizer, check_existing_checkpoint, learning_rate,
-    save_loss_curve, shows_bar,
-)  # fmt: skip
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """--dtype: auto = bf16 autocast on GPU, none on CPU; bfloat16 forces it; float32 turns it off."""
-    if dtype == "auto":
-        return autocast_for(device)
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from llm.train import build_model, build_optimizer, save_loss_curve, training_step
 
 
 def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
@@ -61,8 +49,9 @@ def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
     gpt.transformer.ln_f.requires_grad_(True)
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
     """Run (or resume) a fine-tune; returns {"history", "report": {"before", "after"}, "table"}.
+    resume_from: with cfg.resume, the checkpoint if the caller has loaded it already (else it is read here).
     Raises TrainingInterrupted (after saving a checkpoint) on SIGINT / SIGTERM."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("llm-finetune runs in one process, not under torchrun; for plain text on many GPUs "
@@ -72,13 +61,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     checkpoint_path = out_dir / "ckpt.pt"
     check_existing_checkpoint(cfg, checkpoint_path)
-    resume_from = load_checkpoint(checkpoint_path) if cfg.resume else None
+    resume_from = (resume_from or load_checkpoint(checkpoint_path)) if cfg.resume else None
 
     torch.manual_seed(cfg.seed)
-    if resume_from is not None and not cfg.lora_rank:
-        gpt, tokenizer = model_from_checkpoint(resume_from, use_fused=cfg.use_fused, dropout=cfg.dropout)
-    else:  # a LoRA run resumes from its base model plus the saved adapters
-        gpt, tokenizer = build_model(cfg, None)
+    # A LoRA run resumes from its base model (init_from) plus the saved adapters.
+    gpt, tokenizer = build_model(cfg, None if cfg.lora_rank else resume_from)
     context = gpt.config.context_length
     labels = resume_from["classifier"]["labels"] if resume_from is not None and cfg.task == "classify" else None
     task = make_task(cfg, tokenizer, context, labels)
@@ -105,13 +92,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
         + (f", LoRA rank {cfg.lora_rank} on {', '.join(TARGET_MODULES)}" if cfg.lora_rank else ""))  # fmt: skip
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     loader = BatchLoader(task.train_set, cfg.batch_size, cfg.seed)
-    autocast = autocast_context(device, cfg.dtype)
+    autocast = autocast_for(device, cfg.dtype)
     step, history, before = 0, {"train_loss": [], "val_loss": []}, None
     if resume_from is not None:
         optimizer.load_state_dict(resume_from["optimizer"])
         loader.load_state_dict(resume_from["data"])
         step, history, before = resume_from["step"], resume_from["history"], resume_from["evaluation"]["before"]
-        _restore_rng(resume_from["rng"], Distributed())
+        restore_rng_states(resume_from["rng"], Distributed())
         log(f"resumed {cfg.task} fine-tune from {checkpoint_path} at step {step}")
     else:
         before = task.report(model, tokenizer, device, autocast)
@@ -129,7 +116,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "step": step,
             "optimizer": optimizer.state_dict(),
             "data": loader.state_dict(),
-            "rng": _gather_rng(Distributed()),
+            "rng": gather_rng_states(Distributed()),
             "history": history,
             "evaluation": {"before": before},
         }
@@ -154,20 +141,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with StopRequests() as stop:
         while step < cfg.max_steps:
             started = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum_steps):
-                batch = loader.next_batch(device)
-                with autocast:
-                    loss = task.loss(train_model, batch) / cfg.grad_accum_steps
-                loss.backward()
-                step_loss += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, step_loss = training_step(train_model, optimizer, loader, task.loss, cfg, step, device, autocast)
             step += 1
             history["train_loss"].append(step_loss.item())
             bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", lr=f"{lr:.1e}",

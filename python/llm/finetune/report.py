@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llm.files import atomic_output
+from llm.files import write_text
 from llm.finetune.classify import save_confusion_plot
 
 SCALARS = ("loss", "perplexity", "accuracy", "exact_match")
@@ -25,11 +25,11 @@ def write_report(out_dir: str | Path, task: str, results: dict[str, dict], model
     answers = _collect_answers(results, stages)
     plain = {stage: {split: {k: v for k, v in m.items() if k != "answers"} for split, m in results[stage].items()}
              for stage in stages}  # fmt: skip
-    _write(out_dir / "report.json", json.dumps({"task": task, "models": models, **plain}, indent=1))
+    write_text(out_dir / "report.json", json.dumps({"task": task, "models": models, **plain}, indent=1))
     table = format_table(task, plain, models)
-    _write(out_dir / "report.md", table + "\n")
+    write_text(out_dir / "report.md", table + "\n")
     if answers:
-        _write(out_dir / "answers.json", json.dumps(answers, indent=1, ensure_ascii=False))
+        write_text(out_dir / "answers.json", json.dumps(answers, indent=1, ensure_ascii=False))
     if task == "classify":
         split = "test" if "test" in plain[stages[0]] else "val"
         save_confusion_plot({f"{split}, {stage}": plain[stage][split] for stage in stages}, out_dir / "confusion.png")
@@ -78,8 +78,3 @@ def _collect_answers(results: dict, stages: list[str]) -> list[dict]:
 
 def _format(metric: str, value: float) -> str:
     return f"{value:.1%}" if metric in ("accuracy", "exact_match") else f"{value:.3f}"
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)

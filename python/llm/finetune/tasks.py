@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 import tiktoken
-import torch
 
 from llm.data import TokenWindows, prepare_data
 from llm.finetune.classify import ClassificationSet, GPTClassifier, classification_loss, classification_metrics
@@ -23,17 +22,12 @@ from llm.finetune.datasets import read_instructions, read_labelled_text, split_e
 from llm.finetune.instruct import InstructionSet, answers, exact_match, response_loss
 from llm.finetune.shakespeare import BUILTIN_DATASETS, builtin_dataset
 from llm.model import GPT
-from llm.train import estimate_loss
+from llm.train import estimate_loss, next_token_loss
 
 # Built-in data and user files are split with this seed, not the training seed, so runs with
 # different seeds (and llm-eval) see the same test set.
 SPLIT_SEED = 0
 DEFAULT_DATASETS = {"classify": "shakespeare-genre", "instruct": "shakespeare-instruct"}
-
-
-def next_token_loss(model, batch) -> torch.Tensor:
-    x, y = batch  # (B, T), (B, T); y == -1 ignored
-    return model(x, y)[1]
 
 
 def load_examples(cfg: FinetuneConfig, read_file) -> list:
