@@ -15,7 +15,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy ninja setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy ninja "setuptools>=77" wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	$(PY) -c "import llmkernels; print('llmkernels backends:', llmkernels.available_backends())"
 	touch $@

@@ -5,9 +5,10 @@ tokens/s = tokens per step / mean step time (as the anchors measure it); MFU cou
 model's training FLOPs per token (6N + 12*L*T*C, T the run's sequence length) against the
 stated dense bf16 peak of the H100/H200 SXM, 989 TFLOP/s (the anchors' figure), and
 against the bf16 matmul ceiling measured in the same run. Peak memory is counted from the
-first timed step (compilation and autotuning excluded). Each use_fused row names the
-llmkernels backend it ran (LLMKERNELS_BACKEND is set for the row: CUDA when built, else
-Triton). On CPU a tiny model (preset "tiny" with a 512-token vocabulary, B2 x T64, fp32)
+first timed step (compilation and autotuning excluded). The use_fused rows run llmkernels'
+"auto" choice per op (LLMKERNELS_BACKEND is unset for them: on a GPU the CUDA kernels, and
+Triton for linear_cross_entropy, which has no CUDA kernel) and name the fused backends usable
+there. On CPU a tiny model (preset "tiny" with a 512-token vocabulary, B2 x T64, fp32)
 shows the path works; no MFU there.
 """
 from __future__ import annotations
@@ -25,13 +26,13 @@ CONFIGS = [("eager", False), ("eager", True), ("compile", False), ("compile", Tr
 
 
 def fused_backend() -> str | None:
-    """The llmkernels backend use_fused rows run: the first fused one usable here."""
+    """What use_fused rows run: "auto", with the fused backends it can pick from here."""
     try:
         import llmkernels
     except Exception:
         return None
     usable = [name for name, (ok, _) in llmkernels.available_backends().items() if ok and name != "reference"]
-    return usable[0] if usable else "reference"
+    return f"auto: {', '.join(usable) or 'reference only'}"
 
 
 def plan(device: str, quick: bool, use_compile: bool) -> list[dict]:
@@ -60,16 +61,14 @@ def label(item: dict) -> str:
 
 
 @contextlib.contextmanager
-def _backend_env(backend: str | None):
+def _auto_backend():
+    """LLMKERNELS_BACKEND unset while a row runs: each op takes auto's choice."""
     from llmkernels.backends import BACKEND_ENV_VAR
 
-    before = os.environ.get(BACKEND_ENV_VAR)
-    if backend:
-        os.environ[BACKEND_ENV_VAR] = backend
+    before = os.environ.pop(BACKEND_ENV_VAR, None)
     try:
         yield
     finally:
-        os.environ.pop(BACKEND_ENV_VAR, None)
         if before is not None:
             os.environ[BACKEND_ENV_VAR] = before
 
@@ -80,7 +79,7 @@ def run(item: dict, device: str, matmul_ceiling_tflops: float | None = None) -> 
     result = dict(item, label=label(item))
     if item.get("skipped"):
         return result
-    with recording_error(result, device), _backend_env(item["backend"]):
+    with recording_error(result, device), _auto_backend():
         result.update(_train_steps(item, device, matmul_ceiling_tflops))
     return result
 

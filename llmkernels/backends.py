@@ -7,7 +7,11 @@ Three backends implement every op:
 
 `backend="auto"` takes the first of them that can run the given inputs. The environment
 variable LLMKERNELS_BACKEND replaces "auto" (e.g. LLMKERNELS_BACKEND=reference turns every
-kernel off); an explicit backend argument always wins over it.
+kernel off); an explicit backend argument always wins over it. An op that the named backend
+has no kernel for at all (linear_cross_entropy has no CUDA kernel) falls back as "auto" does,
+so LLMKERNELS_BACKEND=cuda still trains a model whose loss only Triton fuses; a call that
+the named backend has a kernel for but cannot take (a CPU tensor, an unsupported head_dim)
+raises BackendUnavailableError.
 """
 import importlib
 import os
@@ -69,15 +73,21 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return dict(_STATUS)
 
 
-def _requested_backend(backend: str) -> str:
-    if backend == "auto":
+def _requested_backend(backend: str) -> tuple[str, bool]:
+    """(the backend asked for, whether it was named by LLMKERNELS_BACKEND rather than the call)."""
+    from_environment = backend == "auto"
+    if from_environment:
         backend = os.environ.get(BACKEND_ENV_VAR, "auto") or "auto"
         source = f"environment variable {BACKEND_ENV_VAR}"
     else:
         source = "argument backend"
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"{source} must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    return backend
+    return backend, from_environment and backend != "auto"
+
+
+def _no_kernel(op: str, backend: str) -> str:
+    return f"there is no {backend} kernel for {op}"
 
 
 @dataclass(frozen=True)
@@ -88,19 +98,26 @@ class OpEntry:
         raises), returning the arguments its support check takes;
     unsupported(backend, *those arguments): None if that backend can run the call, else the
         reason it cannot ("head_dim 96 is not supported (64, 128)"). The reference backend
-        always accepts valid input.
+        always accepts valid input. Called only for the backends in `kernels`;
+    kernels: the backends that implement the op at all.
     """
 
     check_arguments: Callable[..., tuple]
     unsupported: Callable[..., Optional[str]]
+    kernels: tuple[str, ...] = BACKENDS
 
 
 # op name -> OpEntry. Each op module registers its own op with one register_op call.
 OPS: dict[str, OpEntry] = {}
 
 
-def register_op(op: str, check_arguments: Callable[..., tuple], unsupported: Callable[..., Optional[str]]) -> None:
-    OPS[op] = OpEntry(check_arguments, unsupported)
+def register_op(op: str, check_arguments: Callable[..., tuple], unsupported: Callable[..., Optional[str]],
+                kernels: tuple[str, ...] = BACKENDS) -> None:
+    """kernels: the backends with a kernel for `op` (every backend unless given; the reference
+    one always)."""
+    if "reference" not in kernels or not set(kernels) <= set(BACKENDS):
+        raise ValueError(f"{op}: kernels must be backends of {BACKENDS} including 'reference', got {kernels}")
+    OPS[op] = OpEntry(check_arguments, unsupported, tuple(kernels))
 
 
 def _entry(op: str) -> OpEntry:
@@ -119,28 +136,40 @@ def explain(op: str, *args, **kwargs) -> dict[str, Optional[str]]:
     """
     entry = _entry(op)
     checked = entry.check_arguments(*args, **kwargs)
+    requested, from_environment = _requested_backend("auto")
     reasons = {}
     for name in BACKENDS:
         usable, reason = _STATUS[name]
-        reasons[name] = entry.unsupported(name, *checked) if usable else reason
+        if name not in entry.kernels:
+            reason = _no_kernel(op, name)
+            if from_environment and requested == name:
+                reason += f" ({BACKEND_ENV_VAR}={name}: this op falls back as 'auto' does)"
+        elif usable:
+            reason = entry.unsupported(name, *checked)
+        reasons[name] = reason
     return reasons
 
 
 def select_backend(op: str, backend: str, *args, **kwargs) -> str:
     """The backend that runs `op` on these (already checked) arguments of its support
     check: the requested one, or for "auto" the first in BACKENDS whose support check
-    passes. An explicit backend that cannot run the call raises BackendUnavailableError
-    with the reason."""
-    backend = _requested_backend(backend)
-    unsupported = _entry(op).unsupported
+    passes. A backend named by LLMKERNELS_BACKEND that has no kernel for `op` at all counts
+    as "auto" for it. A requested backend that cannot run the call (or, named by the
+    argument, has no kernel for the op) raises BackendUnavailableError with the reason."""
+    backend, from_environment = _requested_backend(backend)
+    entry = _entry(op)
+    if backend != "auto" and backend not in entry.kernels:
+        if not from_environment:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {_no_kernel(op, backend)}")
+        backend = "auto"
     if backend == "auto":
-        for name in BACKENDS:
-            if _STATUS[name][0] and unsupported(name, *args, **kwargs) is None:
+        for name in entry.kernels:
+            if _STATUS[name][0] and entry.unsupported(name, *args, **kwargs) is None:
                 return name
         raise AssertionError(f"{op}: the reference backend must accept every valid input")
     usable, reason = _STATUS[backend]
     if usable:
-        reason = unsupported(backend, *args, **kwargs)
+        reason = entry.unsupported(backend, *args, **kwargs)
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run this call: {reason}")
     return backend

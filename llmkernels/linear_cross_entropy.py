@@ -131,8 +131,6 @@ def _linear_cross_entropy_unsupported(
 ) -> Optional[str]:
     if backend == "reference":
         return None
-    if backend == "cuda":
-        return "there is no CUDA kernel for linear_cross_entropy (the triton backend fuses it)"
     return triton_linear_cross_entropy.supports_linear_cross_entropy(x, weight, bias)
 
 
@@ -166,7 +164,9 @@ def _check_inputs(x, weight, targets, bias=None, ignore_index=-1, reduction="mea
     return x, weight, bias
 
 
-backends.register_op("linear_cross_entropy", _check_inputs, _linear_cross_entropy_unsupported)
+# No CUDA kernel: the Triton backend fuses it (LLMKERNELS_BACKEND=cuda falls back as auto does).
+backends.register_op("linear_cross_entropy", _check_inputs, _linear_cross_entropy_unsupported,
+                     kernels=("triton", "reference"))
 
 
 def linear_cross_entropy(
