@@ -8,8 +8,12 @@ Environment:
   MAX_JOBS                parallel compile jobs (ninja is used when installed)
   CUDA_HOME               CUDA toolkit (default /usr/local/cuda when it exists)
   LLMKERNELS_PTXAS_VERBOSE=1  print registers/spills of every kernel (-Xptxas -v)
+
+Beside the extension it writes _C.sources.sha256, the digest of csrc/ it was built from
+(llmkernels/build_stamp.py): the GPU lane refuses a stale extension.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -17,6 +21,15 @@ import sys
 from setuptools import setup
 
 BUILD_VAR = "LLMKERNELS_BUILD_CUDA"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_stamp_module():
+    """llmkernels/build_stamp.py, loaded by path: llmkernels itself cannot be imported yet."""
+    spec = importlib.util.spec_from_file_location("llmkernels_build_stamp", os.path.join(HERE, "llmkernels", "build_stamp.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _say(message: str) -> None:
@@ -79,7 +92,15 @@ def _extensions_and_cmdclass():
         f"with {'ninja' if use_ninja else 'setuptools (install ninja for parallel builds)'}, "
         f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}"
     )
-    return [_cuda_extension()], {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
+    class BuildAndStamp(BuildExtension):
+        """Writes the digest of csrc/ beside the built extension (llmkernels/build_stamp.py)."""
+
+        def build_extensions(self):
+            super().build_extensions()
+            extension_dir = os.path.dirname(self.get_ext_fullpath("llmkernels._C"))
+            _say(f"wrote {_build_stamp_module().write_stamp(extension_dir, os.path.join(HERE, 'csrc'))}")
+
+    return [_cuda_extension()], {"build_ext": BuildAndStamp.with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = _extensions_and_cmdclass()

@@ -127,16 +127,18 @@ def output_dir(args, device: str, env: dict, started: datetime.datetime) -> Path
 
 def plan(suites: list[str], device: str, quick: bool, use_compile: bool,
          dtypes: list[str] | None = None, headline: bool = False) -> list[tuple[float, str, object]]:
-    """(priority, kind, item) in the order they run: each op's first dtype, then the e2e
-    steps (eager before compiled), then the other dtypes. A headline run times the e2e eager
-    steps right after attention, before the memory-bound ops and their torch.compile baselines."""
+    """(priority, kind, item) in the order they run: each op's first dtype, then the e2e eager
+    steps, the linear_cross_entropy suite (time and peak memory), the compiled e2e steps, then
+    the other dtypes. A headline run times the e2e eager steps right after attention, before
+    the memory-bound ops and their torch.compile baselines."""
     items = []
     for suite in suites:
         if suite == "e2e":
             items += [(0.5 if item["mode"] == "eager" else 0.7, "e2e", item)
                       for item in e2e.plan(device, quick or headline, use_compile)]
             continue
-        if suite == "linear_cross_entropy":  # runs after these items: linear_cross_entropy.run_suite
+        if suite == "linear_cross_entropy":  # one item: linear_cross_entropy.run_suite, every shape
+            items.append((0.65, "linear_cross_entropy", None))
             continue
         cases = kernels.cases_for(suite, device, quick, headline)
         for case in cases:
@@ -254,11 +256,6 @@ def main(argv=None) -> int:
         for name, c in run["ceilings"].items():
             print(f"ceiling {name}: {report.fmt(c['value'])} {c['unit']} ({c['what']})", flush=True)
         run_items(args, run, device, use_compile, timer, done_kernels, done_steps, out_dir, t0)
-        if "linear_cross_entropy" in args.suites:
-            budget_left = None if args.time_budget is None else args.time_budget - (time.monotonic() - t0)
-            run["linear_cross_entropy"] = linear_cross_entropy.run_suite(
-                device, args.quick or args.headline, use_compile, timer, time_budget_s=budget_left)
-            run["extra_markdown"] = [linear_cross_entropy.markdown(run["linear_cross_entropy"])]
         run["ceilings"] = keep_best_ceilings(run["ceilings"], measure_ceilings(device, timer))
     except KeyboardInterrupt as stop:
         run["interrupted"] = f"interrupted ({stop or 'Ctrl-C'}) after {time.monotonic() - t0:.0f} s"
@@ -283,6 +280,9 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
     last_checkpoint = time.monotonic()
     progress = tqdm(items, desc="cases", unit="case", file=sys.stderr, mininterval=2.0, disable=not sys.stderr.isatty())
     for _, kind, item in progress:
+        if kind == "linear_cross_entropy":
+            _run_linear_cross_entropy(args, run, device, use_compile, timer, t0)
+            continue
         if kind == "e2e":
             if e2e.label(item) in done_steps:
                 continue
@@ -319,3 +319,14 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
             finish(run, out_dir, t0)
             last_checkpoint = time.monotonic()
     progress.close()
+
+
+def _run_linear_cross_entropy(args, run: dict, device: str, use_compile: bool, timer, t0: float) -> None:
+    """The linear_cross_entropy suite (its own time and peak-memory table) within what is left
+    of the time budget."""
+    budget_left = None if args.time_budget is None else args.time_budget - (time.monotonic() - t0)
+    if not sys.stderr.isatty():
+        print(f"[{time.monotonic() - t0:.0f} s] linear_cross_entropy", file=sys.stderr, flush=True)
+    run["linear_cross_entropy"] = linear_cross_entropy.run_suite(
+        device, args.quick or args.headline, use_compile, timer, time_budget_s=budget_left)
+    run["extra_markdown"] = [linear_cross_entropy.markdown(run["linear_cross_entropy"])]

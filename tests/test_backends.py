@@ -135,3 +135,17 @@ def test_training_with_use_fused_under_llmkernels_backend_cuda_on_the_gpu(chosen
     assert all(torch.isfinite(torch.tensor(losses)))
     assert set(chosen["linear_cross_entropy"]) == {"triton"}
     assert set(chosen.get("layer_norm", []) + chosen.get("add_layer_norm", [])) == {"cuda"}
+
+
+def test_the_build_stamp_tells_a_stale_extension_from_a_current_one(tmp_path):
+    from llmkernels import build_stamp
+
+    csrc, extension_dir = tmp_path / "csrc", tmp_path / "pkg"
+    csrc.mkdir()
+    extension_dir.mkdir()
+    (csrc / "gelu.cu").write_text("// v1")
+    assert "no build stamp" in build_stamp.staleness(extension_dir, csrc)
+    build_stamp.write_stamp(extension_dir, csrc)
+    assert build_stamp.staleness(extension_dir, csrc) == ""
+    (csrc / "layer_norm.cuh").write_text("// a new header counts too")
+    assert "other sources" in build_stamp.staleness(extension_dir, csrc)

@@ -4,6 +4,7 @@ breaks, torch.library.opcheck, and clear errors for bad input."""
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,22 @@ def test_extension_was_built_and_registers_every_schema():
         assert str(getattr(torch.ops.llmkernels, name).default._schema) == schema
     if not torch.cuda.is_available():
         assert llmkernels.available_backends()["cuda"] == (False, "the CUDA extension is built, but no CUDA device is available")
+
+
+@requires_cuda
+@pytest.mark.skipif(os.environ.get("LLMKERNELS_EXPECT_EXTENSION") == "0", reason="LLMKERNELS_EXPECT_EXTENSION=0: "
+                    "a machine that runs the Triton kernels only")
+def test_the_gpu_lane_has_the_extension_built_from_these_sources():
+    """Without llmkernels._C most of the GPU lane skips (every CUDA kernel test), and with a
+    stale one it tests other kernels than csrc/ holds: either way the lane must fail, here,
+    not pass green. scripts/gpu_session.py sets LLMKERNELS_EXPECT_EXTENSION=1."""
+    assert backends.CUDA_EXTENSION_LOADED, llmkernels.available_backends()["cuda"][1]
+    from llmkernels import _C, build_stamp
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    stale = build_stamp.staleness(Path(_C.__file__).parent, csrc)
+    assert not stale, f"llmkernels._C ({_C.__file__}) is stale: {stale}"
+    assert llmkernels.available_backends()["cuda"] == (True, "")
 
 
 @pytest.mark.skipif(not backends.CUDA_EXTENSION_LOADED, reason="the CUDA extension is not built here")
