@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", action="append", choices=SUITES + ("all",), default=[], help="same as positional")
     parser.add_argument("--quick", action="store_true", help="few shapes, bf16 only, few reps, no torch.compile")
     parser.add_argument("--headline", action="store_true",
-                        help="only the headline cases (kernels.HEADLINE: two shapes per op, fwd and fwd+bwd, the "
-                             "main baselines; e2e with few steps)")
+                        help="only the headline cases (kernels.HEADLINE: two attention shapes, one per memory-bound "
+                             "op, fwd and fwd+bwd, the main baselines; e2e with few steps; one linear_cross_entropy "
+                             "shape)")
     parser.add_argument("--out", type=Path,
                         help="output folder; it must be new or empty unless --overwrite or --extend "
                              "(default: a new benchmarks/results/<date>-<time>-<device>)")
