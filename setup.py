@@ -93,12 +93,20 @@ def _extensions_and_cmdclass():
         f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}"
     )
     class BuildAndStamp(BuildExtension):
-        """Writes the digest of csrc/ beside the built extension (llmkernels/build_stamp.py)."""
+        """Writes the digest of csrc/ beside the built extension (llmkernels/build_stamp.py):
+        in the build folder (a wheel packs it) and, for --inplace builds, in the package
+        folder the extension is copied to."""
+
+        def _stamp(self, folder):
+            _say(f"wrote {_build_stamp_module().write_stamp(folder, os.path.join(HERE, 'csrc'))}")
 
         def build_extensions(self):
             super().build_extensions()
-            extension_dir = os.path.dirname(self.get_ext_fullpath("llmkernels._C"))
-            _say(f"wrote {_build_stamp_module().write_stamp(extension_dir, os.path.join(HERE, 'csrc'))}")
+            self._stamp(os.path.dirname(self.get_ext_fullpath("llmkernels._C")))
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            self._stamp(os.path.join(HERE, "llmkernels"))
 
     return [_cuda_extension()], {"build_ext": BuildAndStamp.with_options(use_ninja=use_ninja)}
 
