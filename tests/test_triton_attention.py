@@ -166,6 +166,10 @@ def test_opcheck(generator):
     out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.25)
     torch.library.opcheck(ops.triton_flash_attention_forward, (q, k, v, True, 0.25))
     torch.library.opcheck(ops.triton_flash_attention_backward, (grad_out, q, k, v, out, lse, True, 0.25))
+    k, v = (randn((1, 1, 14, 16), torch.float32, generator) for _ in range(2))  # one K/V head, a longer cache
+    out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.25)
+    torch.library.opcheck(ops.triton_flash_attention_forward, (q, k, v, True, 0.25))
+    torch.library.opcheck(ops.triton_flash_attention_backward, (grad_out, q, k, v, out, lse, True, 0.25))
 
 
 def test_supports_refuses_with_reason():
