@@ -99,9 +99,9 @@ def _configs(shapes: list[tuple[int, int, int, int]], interpreted: tuple[int, in
     head_dim 64 (for head_dim 128 the dK/dV configs spill tens to hundreds of bytes;
     tuning picks the fastest). The last, small config of each list is for fp32 inputs,
     whose tiles overflow shared memory in the larger configs (those fail to compile and
-    the autotuner skips them). Forward BLOCK_M must be a multiple of BLOCK_N, dK/dV
-    BLOCK_N a multiple of BLOCK_M, dQ BLOCK_M a multiple of BLOCK_N (the masked diagonal
-    is whole blocks)."""
+    the autotuner skips them). Forward and dQ BLOCK_M are multiples of BLOCK_N, dK/dV
+    BLOCK_N a multiple of BLOCK_M: with Sq == Sk the masked diagonal is then whole blocks
+    (any sizes are correct; a KV cache's offset diagonal masks one block more)."""
     if INTERPRETER:
         return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
