@@ -1,7 +1,16 @@
 // Fused causal flash attention, forward and backward (FlashAttention-2), on tensor cores.
 //
-//   out = softmax(q @ k^T * scale [+ causal mask]) @ v        q, k, v, out: (B, H, S, D)
-//   lse = log(sum_j exp(q_i . k_j * scale))                   (B, H, S) float32, natural log
+//   out = softmax(q @ k^T * scale [+ causal mask]) @ v        q, out: (B, H, S, D)
+//   lse = log(sum_j exp(q_i . k_j * scale))                   k, v: (B, Hkv, S, D)
+//                                                             lse: (B, H, S) float32, natural log
+//
+// GROUPED-QUERY ATTENTION (GQA/MQA): H is a multiple of Hkv and query head h reads key/value
+// head h / (H / Hkv) (the group_size = H / Hkv query heads of a group share one K/V head;
+// Hkv == H is ordinary multi-head attention). The forward and dQ kernels only pick the K/V
+// head. The dK/dV kernel runs per key/value head and streams the query tiles of every
+// query head of its group, head by head in a fixed order, into the same registers: the
+// group sum of dK, dV needs no atomics and is bitwise the same on every run. Sequence
+// lengths of q and k must be equal here (the Triton kernels also take Sq < Sk).
 //
 // Why it is fast: the (S x S) score matrix never touches device memory. A block of warps
 // owns a tile of query rows; key/value tiles stream through shared memory (cp.async,
@@ -15,7 +24,7 @@
 // the diagonal or the ragged end of the sequence. The grid launches the longest causal
 // query tiles first, so short tiles fill the tail of the wave.
 //
-// FORWARD, per block (one query tile of BLOCK_M rows of one (batch, head)):
+// FORWARD, per block (one query tile of BLOCK_M rows of one (batch, head); K, V of its kv head):
 //   Q tile -> shared (cp.async) -> registers as mma A fragments (loaded once, ldmatrix)
 //   for each key tile j (BLOCK_N keys, up to the diagonal when causal):
 //     S   = Q K_j^T                       (per warp 16 x BLOCK_N, fp32 registers)
@@ -29,7 +38,8 @@
 //   2. dQ kernel, per query tile (same loop as the forward):           dQ in registers
 //        P = exp2(S * scale*log2e - lse*log2e),  dP = dO V^T,  dS = P * (dP - delta)
 //        dQ += dS K;          finally dQ *= scale
-//   3. dK/dV kernel, per key tile, looping over the query tiles that see it, computing
+//   3. dK/dV kernel, per key tile of one (batch, kv head), looping over the query tiles
+//      that see it in each query head of the group (group_size x tiles steps), computing
 //      the transposed problem so that each warp owns 16 keys and everything stays in
 //      registers exactly as in the forward:
 //        S^T = K Q^T,  P^T = exp2(S^T * scale*log2e - lse*log2e),  dP^T = V dO^T,
@@ -44,10 +54,10 @@
 // ptxas (-Xptxas -v, sm_90a, nvcc 13.0); an SM has 64K registers and 228 KB shared memory.
 //   forward   D=64:  BLOCK_M=128 (8 warps), BLOCK_N=64, live: Q 16 + O 32 + S 32 + P 16
 //                    smem (128 + 2 stages * 2 * 64 rows) * 72 * 2 B = 55,296 B
-//                    __launch_bounds__(256, 2): 128 registers (32 B spilled: loop-invariant
+//                    __launch_bounds__(256, 2): 128 registers (16 B spilled: loop-invariant
 //                    addresses, 6 L1-resident reloads per key tile) -> 2 blocks = 16 warps/SM
 //             D=128: BLOCK_M=128 (8 warps), BLOCK_N=64, live: Q 32 + O 64 + S 32 + P 16
-//                    smem (128 + 2*2*64) * 136 * 2 B = 104,448 B; 214 registers, no spills
+//                    smem (128 + 2*2*64) * 136 * 2 B = 104,448 B; 215 registers, no spills
 //                    -> 1 block = 8 warps/SM (register-bound)
 //   dQ        BLOCK_M=64 (4 warps), BLOCK_N=64. Q and dO stay in shared memory and are
 //             re-read as A fragments per key tile (in registers they would not fit beside
@@ -57,7 +67,10 @@
 //             the dK + dV accumulators alone take D/2 registers per thread (64 at D=128),
 //             so the transient S^T, dP^T tiles are kept small at D=128.
 //             smem (2*64 + 2*2*BLOCK_M) * (D+8) * 2 B + 2*2*BLOCK_M*4 B (lse, delta) =
-//             56,320 B (D=64, 163 registers) / 70,144 B (D=128, 246 registers), no spills
+//             56,320 B (D=64) / 70,144 B (D=128).
+//             D=64: __launch_bounds__(128, 3): 168 registers (12 B spilled: loop-invariant
+//             values of the GQA head/tile walk, 3 L1-resident reloads per query tile) ->
+//             3 blocks = 12 warps/SM. D=128: 246 registers, no spills -> 8 warps/SM.
 //
 // FRAGMENTS of mma.sync.aligned.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16
 // with floating point type"). lane = 0..31, group = lane / 4 (0..7), quad = lane % 4.
@@ -340,22 +353,24 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* head, int64_t 
 }
 
 struct ForwardParams {
-  HeadStrided q, k, v;
+  HeadStrided q, k, v;  // q (B, H, S, D); k, v (B, Hkv, S, D)
   void* out;   // (B, H, S, D) contiguous
   float* lse;  // (B, H, S) contiguous
   int heads, seq_len;
+  int group_size;  // H / Hkv: query head h reads key/value head h / group_size
   bool causal;
   float scale_log2;  // scale * log2(e)
 };
 
 struct BackwardParams {
-  HeadStrided q, k, v, grad_out;
+  HeadStrided q, k, v, grad_out;  // q, grad_out (B, H, S, D); k, v (B, Hkv, S, D)
   const float* lse;    // (B, H, S) contiguous, natural log
   const float* delta;  // (B, H, S) contiguous, rowsum(grad_out * out)
-  void* grad_q;        // (B, H, S, D) contiguous, likewise grad_k, grad_v
-  void* grad_k;
+  void* grad_q;        // (B, H, S, D) contiguous
+  void* grad_k;        // (B, Hkv, S, D) contiguous, likewise grad_v
   void* grad_v;
-  int heads, seq_len;
+  int heads, kv_heads, seq_len;
+  int group_size;  // H / Hkv
   bool causal;
   float scale, scale_log2;
 };
@@ -382,13 +397,14 @@ __global__ void __launch_bounds__(BLOCK_M / 16 * 32, MIN_BLOCKS_PER_SM)
   const int seq_len = p.seq_len;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal tiles first
   const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / p.group_size;  // GQA: the K/V head this query head shares
   const int m0 = m_block * BLOCK_M;
   const int warp_row0 = m0 + 16 * warp;  // this warp's 16 query rows start here
   const int my_rows[2] = {warp_row0 + group, warp_row0 + group + 8};
 
   const T* q = head_start<T>(p.q, batch, head);
-  const T* k = head_start<T>(p.k, batch, head);
-  const T* v = head_start<T>(p.v, batch, head);
+  const T* k = head_start<T>(p.k, batch, kv_head);
+  const T* v = head_start<T>(p.v, batch, kv_head);
   const int kv_end = p.causal ? min(seq_len, m0 + BLOCK_M) : seq_len;  // keys any row of the tile sees
   const int n_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
 
@@ -541,13 +557,14 @@ __global__ void __launch_bounds__(BLOCK_M / 16 * 32)
   const int seq_len = p.seq_len;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal tiles first
   const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / p.group_size;  // GQA: the K/V head this query head shares
   const int m0 = m_block * BLOCK_M;
   const int warp_row0 = m0 + 16 * warp;
   const int my_rows[2] = {warp_row0 + group, warp_row0 + group + 8};
 
   const T* q = head_start<T>(p.q, batch, head);
-  const T* k = head_start<T>(p.k, batch, head);
-  const T* v = head_start<T>(p.v, batch, head);
+  const T* k = head_start<T>(p.k, batch, kv_head);
+  const T* v = head_start<T>(p.v, batch, kv_head);
   const T* grad_out = head_start<T>(p.grad_out, batch, head);
   const int64_t head_row0 = (static_cast<int64_t>(batch) * p.heads + head) * seq_len;
 
@@ -624,11 +641,12 @@ __global__ void __launch_bounds__(BLOCK_M / 16 * 32)
   store_c_rows<D>(grad_q, dq_acc, scale, warp_row0, seq_len, lane);
 }
 
-// 3. dK, dV, per key tile; grid (ceil(S / BLOCK_N), H, B), block 32 * BLOCK_N / 16 threads.
+// 3. dK, dV, per key tile; grid (ceil(S / BLOCK_N), Hkv, B), block 32 * BLOCK_N / 16 threads.
 // Each warp owns 16 keys and computes the transposed tiles S^T, P^T, dP^T, dS^T (keys x
 // queries), so P^T and dS^T are A operands in registers for dV += P^T dO, dK += dS^T Q.
-template <typename T, int D, int BLOCK_N, int BLOCK_M>
-__global__ void __launch_bounds__(BLOCK_N / 16 * 32)
+// With GQA the block sums over the query heads of its key/value head (see the file header).
+template <typename T, int D, int BLOCK_N, int BLOCK_M, int MIN_BLOCKS_PER_SM>
+__global__ void __launch_bounds__(BLOCK_N / 16 * 32, MIN_BLOCKS_PER_SM)
     flash_attention_backward_dkdv_kernel(const BackwardParams p) {
   constexpr int kThreads = BLOCK_N / 16 * 32;
   constexpr int kPitch = D + 8;
@@ -649,25 +667,30 @@ __global__ void __launch_bounds__(BLOCK_N / 16 * 32)
   const int group = lane / 4, quad = lane % 4;
   const int seq_len = p.seq_len;
   const int n_block = blockIdx.x;  // causal: the first key tiles are seen by the most queries
-  const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = blockIdx.y, batch = blockIdx.z;
   const int n0 = n_block * BLOCK_N;
   const int warp_key0 = n0 + 16 * warp;  // this warp's 16 keys start here
   const int my_keys[2] = {warp_key0 + group, warp_key0 + group + 8};
 
-  const T* q = head_start<T>(p.q, batch, head);
-  const T* k = head_start<T>(p.k, batch, head);
-  const T* v = head_start<T>(p.v, batch, head);
-  const T* grad_out = head_start<T>(p.grad_out, batch, head);
-  const int64_t head_row0 = (static_cast<int64_t>(batch) * p.heads + head) * seq_len;
+  const T* k = head_start<T>(p.k, batch, kv_head);
+  const T* v = head_start<T>(p.v, batch, kv_head);
+  const int64_t kv_row0 = (static_cast<int64_t>(batch) * p.kv_heads + kv_head) * seq_len;  // rows of dK, dV
 
   // Query tiles that see this key tile: causal query i sees key j iff j <= i, so tiles
   // ending before n0 are skipped.
   const int m_begin = p.causal ? n0 / BLOCK_M : 0;
   const int m_end = (seq_len + BLOCK_M - 1) / BLOCK_M;
+  // GQA: the query heads that read this K/V head. Their query tiles are visited head by
+  // head (the fixed summation order of dK, dV); the double buffering runs across heads.
+  const int head_begin = kv_head * p.group_size;
 
-  // Loads query tile `m` (Q, dO by cp.async; lse, delta by plain stores) into `stage`.
-  auto load_query_tile = [&](int m, int stage) {
+  // Loads query tile `m` of query head `head` (Q, dO by cp.async; lse, delta by plain
+  // stores) into `stage`.
+  auto load_query_tile = [&](int head, int m, int stage) {
     const int row0 = m * BLOCK_M;
+    const T* q = head_start<T>(p.q, batch, head);
+    const T* grad_out = head_start<T>(p.grad_out, batch, head);
+    const int64_t head_row0 = (static_cast<int64_t>(batch) * p.heads + head) * seq_len;
     load_tile_async<BLOCK_M, D, kThreads>(q_tiles + stage * BLOCK_M * kPitch, q, p.q.stride_seq, row0, seq_len, tid);
     load_tile_async<BLOCK_M, D, kThreads>(do_tiles + stage * BLOCK_M * kPitch, grad_out, p.grad_out.stride_seq, row0,
                                           seq_len, tid);
@@ -678,25 +701,29 @@ __global__ void __launch_bounds__(BLOCK_N / 16 * 32)
     }
   };
 
-  // Prologue: group 0 = K and V tiles, group 1 = query tile m_begin (stage 0).
+  // Prologue: group 0 = K and V tiles, group 1 = the first query tile (stage 0).
   load_tile_async<BLOCK_N, D, kThreads>(k_tile, k, p.k.stride_seq, n0, seq_len, tid);
   load_tile_async<BLOCK_N, D, kThreads>(v_tile, v, p.v.stride_seq, n0, seq_len, tid);
   cp_async_commit();
-  load_query_tile(m_begin, 0);
+  load_query_tile(head_begin, m_begin, 0);
   cp_async_commit();
 
-  float dk_acc[kDimTiles][4] = {};  // 16 keys x D per warp
+  float dk_acc[kDimTiles][4] = {};  // 16 keys x D per warp, summed over the group's query heads
   float dv_acc[kDimTiles][4] = {};
-  for (int m = m_begin; m < m_end; ++m) {
-    const int stage = (m - m_begin) % 2;
-    // Prefetch the next query tile into the other stage, last read in the previous
+  // One step per query tile of each query head of the group, head by head.
+  const int m_count = m_end - m_begin;
+  const int n_steps = p.group_size * m_count;
+  for (int step = 0; step < n_steps; ++step) {
+    const int stage = step % 2;
+    // Prefetch the next step's query tile into the other stage, last read in the previous
     // iteration (finished by every warp at its closing barrier).
-    if (m + 1 < m_end) load_query_tile(m + 1, 1 - stage);
+    const int next = step + 1;
+    if (next < n_steps) load_query_tile(head_begin + next / m_count, m_begin + next % m_count, 1 - stage);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();  // K, V and query tile m (and its lse/delta stores) visible
+    __syncthreads();  // K, V and this step's query tile (and its lse/delta stores) visible
 
-    const int m0 = m * BLOCK_M;
+    const int m0 = (m_begin + step % m_count) * BLOCK_M;
     // Causal: if every query of the tile precedes every key of this warp, P^T = 0.
     if (!p.causal || m0 + BLOCK_M - 1 >= warp_key0) {
       const T* q_stage = q_tiles + stage * BLOCK_M * kPitch;
@@ -748,8 +775,8 @@ __global__ void __launch_bounds__(BLOCK_N / 16 * 32)
 
   const float dk_scale[2] = {p.scale, p.scale};
   const float one[2] = {1.f, 1.f};
-  store_c_rows<D>(static_cast<T*>(p.grad_k) + head_row0 * D, dk_acc, dk_scale, warp_key0, seq_len, lane);
-  store_c_rows<D>(static_cast<T*>(p.grad_v) + head_row0 * D, dv_acc, one, warp_key0, seq_len, lane);
+  store_c_rows<D>(static_cast<T*>(p.grad_k) + kv_row0 * D, dk_acc, dk_scale, warp_key0, seq_len, lane);
+  store_c_rows<D>(static_cast<T*>(p.grad_v) + kv_row0 * D, dv_acc, one, warp_key0, seq_len, lane);
 }
 
 // ================================================================================ host
@@ -763,6 +790,7 @@ struct Tiles<64> {
   static constexpr int kForwardMinBlocksPerSm = 2;  // 16 warps per SM: caps registers at 128
   static constexpr int kDqM = 64, kDqN = 64;
   static constexpr int kDkdvN = 64, kDkdvM = 64;
+  static constexpr int kDkdvMinBlocksPerSm = 3;  // 12 warps per SM: caps registers at 168
 };
 template <>
 struct Tiles<128> {
@@ -770,6 +798,7 @@ struct Tiles<128> {
   static constexpr int kForwardMinBlocksPerSm = 1;  // needs ~214 registers per thread
   static constexpr int kDqM = 64, kDqN = 64;
   static constexpr int kDkdvN = 64, kDkdvM = 32;
+  static constexpr int kDkdvMinBlocksPerSm = 1;  // needs ~246 registers per thread
 };
 
 template <typename Kernel>
@@ -793,7 +822,8 @@ at::Tensor kernel_operand(const at::Tensor& t) {
   return usable ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-void check_attention_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
+// `name` must be on q's device with q's dtype, 4-D; shape checks are the callers'.
+void check_like_query(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK(t.is_cuda(), "flash_attention (CUDA): ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == 4, "flash_attention (CUDA): ", name, " must be 4-D (batch, heads, seq, head_dim), got ",
               t.dim(), "-D");
@@ -801,8 +831,25 @@ void check_attention_tensor(const at::Tensor& t, const char* name, const at::Ten
               ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "flash_attention (CUDA): ", name, " must have q's dtype ",
               q.scalar_type(), ", got ", t.scalar_type());
+}
+
+// grad_out, out: q's shape (B, H, S, D).
+void check_query_shaped(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  check_like_query(t, name, q);
   TORCH_CHECK(t.sizes() == q.sizes(), "flash_attention (CUDA): ", name, " must have q's shape (B, H, S, D) ",
-              q.sizes(), ", got ", t.sizes(), " (the kernel needs equal heads and sequence lengths)");
+              q.sizes(), ", got ", t.sizes());
+}
+
+// k, v: (B, Hkv, S, D) with Hkv dividing H (grouped-query attention), equal to each other.
+void check_key_value(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q) {
+  check_like_query(k, "k", q);
+  check_like_query(v, "v", q);
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3) && k.size(1) > 0 &&
+                  q.size(1) % k.size(1) == 0,
+              "flash_attention (CUDA): k must have shape (B, Hkv, S, D) with q's B, S, D and Hkv dividing q's H ",
+              q.sizes(), ", got ", k.sizes(), " (this kernel needs equal query and key lengths)");
+  TORCH_CHECK(v.sizes() == k.sizes(), "flash_attention (CUDA): v must have k's shape ", k.sizes(), ", got ",
+              v.sizes());
 }
 
 void check_query(const at::Tensor& q) {
@@ -835,7 +882,7 @@ struct ForwardLauncher {
 
 template <typename T, int D>
 struct BackwardLauncher {
-  static void run(const BackwardParams& params, int batch, int heads, int seq_len, cudaStream_t stream) {
+  static void run(const BackwardParams& params, int batch, int heads, int kv_heads, int seq_len, cudaStream_t stream) {
     {
       constexpr int M = Tiles<D>::kDqM, N = Tiles<D>::kDqN;
       const auto kernel = flash_attention_backward_dq_kernel<T, D, M, N>;
@@ -847,11 +894,11 @@ struct BackwardLauncher {
     }
     {
       constexpr int N = Tiles<D>::kDkdvN, M = Tiles<D>::kDkdvM;
-      const auto kernel = flash_attention_backward_dkdv_kernel<T, D, N, M>;
+      const auto kernel = flash_attention_backward_dkdv_kernel<T, D, N, M, Tiles<D>::kDkdvMinBlocksPerSm>;
       const size_t shared_bytes = static_cast<size_t>(2 * N + 4 * M) * (D + 8) * sizeof(T)  // K, V + 2 x (Q, dO)
                                   + 4 * static_cast<size_t>(M) * sizeof(float);             // 2 x (lse, delta)
       allow_shared_memory(kernel, shared_bytes);
-      const dim3 grid((seq_len + N - 1) / N, heads, batch);
+      const dim3 grid((seq_len + N - 1) / N, kv_heads, batch);  // one block per key tile of each K/V head
       kernel<<<grid, N / 16 * 32, shared_bytes, stream>>>(params);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -877,8 +924,7 @@ void dispatch_dtype_and_head_dim(const at::Tensor& q, const Args&... args) {
 std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                                 const at::Tensor& v_in, bool causal, double scale) {
   check_query(q_in);
-  check_attention_tensor(k_in, "k", q_in);
-  check_attention_tensor(v_in, "v", q_in);
+  check_key_value(k_in, v_in, q_in);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const int batch = q_in.size(0), heads = q_in.size(1), seq_len = q_in.size(2);
 
@@ -895,6 +941,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_forward_cuda(const at::Tensor
   params.lse = lse.data_ptr<float>();
   params.heads = heads;
   params.seq_len = seq_len;
+  params.group_size = heads / static_cast<int>(k_in.size(1));
   params.causal = causal;
   params.scale_log2 = static_cast<float>(scale) * kLog2e;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -906,11 +953,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool causal, double scale) {
   check_query(q_in);
-  check_attention_tensor(k_in, "k", q_in);
-  check_attention_tensor(v_in, "v", q_in);
-  check_attention_tensor(grad_out_in, "grad_out", q_in);
-  check_attention_tensor(out_in, "out", q_in);
+  check_key_value(k_in, v_in, q_in);
+  check_query_shaped(grad_out_in, "grad_out", q_in);
+  check_query_shaped(out_in, "out", q_in);
   const int batch = q_in.size(0), heads = q_in.size(1), seq_len = q_in.size(2), head_dim = q_in.size(3);
+  const int kv_heads = k_in.size(1);
   TORCH_CHECK(lse_in.device() == q_in.device(), "flash_attention (CUDA): lse must be on q's device ", q_in.device(),
               ", got ", lse_in.device());
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "flash_attention (CUDA): lse must be float32, got ",
@@ -921,9 +968,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
   auto grad_q = at::empty(q_in.sizes(), q_in.options());  // (B, H, S, D), contiguous
-  auto grad_k = at::empty(q_in.sizes(), q_in.options());
-  auto grad_v = at::empty(q_in.sizes(), q_in.options());
-  if (q_in.numel() == 0) return {grad_q, grad_k, grad_v};
+  auto grad_k = at::empty(k_in.sizes(), k_in.options());  // (B, Hkv, S, D), contiguous
+  auto grad_v = at::empty(k_in.sizes(), k_in.options());
+  if (q_in.numel() == 0) return {grad_q, grad_k.zero_(), grad_v.zero_()};  // k, v may still hold keys
   const at::Tensor q = kernel_operand(q_in), k = kernel_operand(k_in), v = kernel_operand(v_in);
   const at::Tensor grad_out = kernel_operand(grad_out_in);
   const at::Tensor out = out_in.stride(3) == 1 ? out_in : out_in.contiguous();  // read with plain loads
@@ -954,11 +1001,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
   params.grad_k = grad_k.data_ptr();
   params.grad_v = grad_v.data_ptr();
   params.heads = heads;
+  params.kv_heads = kv_heads;
   params.seq_len = seq_len;
+  params.group_size = heads / kv_heads;
   params.causal = causal;
   params.scale = static_cast<float>(scale);
   params.scale_log2 = static_cast<float>(scale) * kLog2e;
-  dispatch_dtype_and_head_dim<BackwardLauncher>(q, params, batch, heads, seq_len, stream);
+  dispatch_dtype_and_head_dim<BackwardLauncher>(q, params, batch, heads, kv_heads, seq_len, stream);
   return {grad_q, grad_k, grad_v};
 }
 

@@ -1,6 +1,13 @@
 """Causal (or full) scaled dot-product attention on (batch, heads, seq, head_dim):
 
-    out = softmax(q @ k^T * scale + causal_mask) @ v
+    out = softmax(q @ k^T * scale + causal_mask) @ v      q: (B, H, Sq, D), k, v: (B, Hkv, Sk, D)
+
+Grouped-query attention: H a multiple of Hkv, query head h uses key/value head
+h // (H // Hkv). With fewer queries than keys (prefill or decoding after a KV cache) the
+causal mask is aligned bottom-right (see causal_mask). What each backend takes:
+  cuda       float16/bfloat16, head_dim 64 or 128, any Hkv dividing H, Sq == Sk
+  triton     float16/bfloat16/float32, head_dim 16-128, any Hkv dividing H, any Sq, Sk
+  reference  everything valid
 
 The fused kernels (csrc/flash_attention.cu, llmkernels/triton/attention.py) never form
 the (seq x seq) score matrix: they stream key/value tiles with an online softmax and
@@ -103,18 +110,17 @@ def _flash_attention_unsupported(
 ) -> Optional[str]:
     if backend == "reference":
         return None
-    if q.shape[2] != k.shape[2]:
-        return f"query length {q.shape[2]} differs from key length {k.shape[2]} (KV-cache decoding)"
     if backend == "triton":
         return triton_attention.supports_flash_attention(q, k, v, scale)
+    if q.shape[2] != k.shape[2]:
+        return (f"query length {q.shape[2]} differs from key length {k.shape[2]} (a KV cache); "
+                "the CUDA kernels need equal lengths")
     if q.device.type != "cuda":
         return f"q is on {q.device}, the CUDA kernels need CUDA tensors"
     if q.dtype not in CUDA_DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16)"
     if q.shape[-1] not in CUDA_HEAD_DIMS:
         return f"head_dim {q.shape[-1]} is not supported {CUDA_HEAD_DIMS}"
-    if k.shape[1] != q.shape[1]:
-        return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key/value heads) is not supported"
     if max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID_DIM:
         return f"batch {q.shape[0]} and heads {q.shape[1]} must each be <= {CUDA_MAX_GRID_DIM} (grid dimensions)"
     shared_memory = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin

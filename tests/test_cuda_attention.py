@@ -3,11 +3,13 @@
 CPU lane (whenever llmkernels._C imports): the ops carry the contract's schemas and have
 CUDA kernels registered. GPU lane: forward and backward against the float64 reference
 under the numerics rule (tests/numerics.py) over ragged sequence lengths, both head dims,
-both dtypes, causal and not; large inputs; bitwise reproducibility; strided and
+both dtypes, causal and not; grouped-query attention (H / Hkv = 1, 2, 4, 12) with its
+bitwise-reproducible dK/dV group sums; large inputs; bitwise reproducibility; strided and
 misaligned inputs; the public function with autograd; clear errors for what the kernel
 cannot take.
 
-Sanitizer sweep (seq 17, 113, 128 only; every kernel of the file, both dtypes and head dims):
+Sanitizer sweep (seq 17, 113, 128 only, and one grouped-query case; every kernel of the file, both
+dtypes and head dims):
     LLMKERNELS_SANITIZER_SWEEP=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
         --kernel-name kns=attention python -m pytest tests/test_cuda_attention.py -q -x -k reference_sweep
     and the same with --tool racecheck (then synccheck, initcheck); `--kernel-name kns=attention`
@@ -20,7 +22,8 @@ import pytest
 import torch
 
 import llmkernels
-from llmkernels.attention import flash_attention_reference
+from llmkernels import backends
+from llmkernels.attention import causal_mask, flash_attention_reference
 
 from conftest import OP_SCHEMAS, requires_cuda_kernels, requires_extension
 from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference, randn
@@ -29,6 +32,10 @@ SANITIZER_SWEEP = os.environ.get("LLMKERNELS_SANITIZER_SWEEP") == "1"
 # Ragged lengths around the tile sizes (64, 128) and one long run; the sanitizer sweep
 # keeps a ragged single tile, a ragged multi-tile and an exact tile.
 SEQ_LENS = (17, 113, 128) if SANITIZER_SWEEP else (1, 17, 113, 128, 1023, 1024, 1025, 2048)
+# Grouped-query attention: (H, Hkv) with H / Hkv = 1, 2, 4, 12; the sanitizer sweep keeps one
+# grouped case (its dK/dV blocks switch query heads mid-pipeline) on ragged lengths.
+GQA_HEADS = {"gqa2": (4, 2)} if SANITIZER_SWEEP else {"mha": (4, 4), "gqa2": (4, 2), "gqa4": (4, 1), "mqa12": (12, 1)}
+GQA_SEQ_LENS = (17, 113) if SANITIZER_SWEEP else (1, 17, 113, 1025)
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
 BATCH, HEADS = 2, 3  # small and odd
@@ -46,21 +53,28 @@ def cuda_backward(grad_out, q, k, v, out, lse, causal, scale):
     return torch.ops.llmkernels.flash_attention_backward(grad_out, q, k, v, out, lse, causal, scale)
 
 
-def random_inputs(shape, dtype, generator, input_scale=1.0):
-    """q, k, v, grad_out: fresh N(0, input_scale^2) values (grad_out N(0, 1)) on the GPU."""
-    q, k, v = (randn(shape, dtype, generator, "cuda", scale=input_scale) for _ in range(3))
+def random_inputs(shape, dtype, generator, input_scale=1.0, kv_heads=None):
+    """q, k, v, grad_out: fresh N(0, input_scale^2) values (grad_out N(0, 1)) on the GPU;
+    q and grad_out of `shape` (B, H, S, D), k and v with kv_heads heads (default H)."""
+    batch, heads, seq, head_dim = shape
+    kv_shape = (batch, kv_heads or heads, seq, head_dim)
+    q, k, v = (randn(s, dtype, generator, "cuda", scale=input_scale) for s in (shape, kv_shape, kv_shape))
     grad_out = randn(shape, dtype, generator, "cuda")
     return q, k, v, grad_out
+
+
+def repeat_kv_heads(t, heads):
+    """(B, Hkv, S, D) -> (B, H, S, D): each K/V head repeated for the query heads of its group."""
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
 def attention_in_low_precision(q, k, v, causal, scale):
     """Plain PyTorch attention computed in q's own dtype (every op rounds to bf16/fp16):
     the "PyTorch in the same precision" side of the numerics rule."""
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])  # (B, H, S, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, S, S) in q.dtype
     if causal:
-        seq = q.shape[2]
-        visible = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -78,8 +92,10 @@ def check_against_reference(q, k, v, grad_out, causal, scale):
     grads = cuda_backward(grad_out, q, k, v, out, lse, causal, scale)
     expected = out_and_grads(flash_attention_reference, q.double(), k.double(), v.double(), grad_out.double(), causal, scale)
     low_precision = out_and_grads(attention_in_low_precision, q, k, v, grad_out, causal, scale)
-    for name, actual, reference, torch_low in zip(("out", "dq", "dk", "dv"), (out, *grads), expected, low_precision):
-        assert actual.dtype == q.dtype and actual.shape == q.shape, name
+    for name, actual, reference, torch_low, like in zip(
+        ("out", "dq", "dk", "dv"), (out, *grads), expected, low_precision, (q, q, k, v)
+    ):
+        assert actual.dtype == q.dtype and actual.shape == like.shape, name
         is_output = name == "out"
         assert_close_to_reference(
             actual,
@@ -87,13 +103,13 @@ def check_against_reference(q, k, v, grad_out, causal, scale):
             reference,
             factor=OUTPUT_FACTOR if is_output else GRAD_FACTOR,
             floor=OUTPUT_FLOOR if is_output else GRAD_FLOOR,
-            name=f"{name} (seq {q.shape[2]}, head_dim {q.shape[3]}, {q.dtype}, causal={causal})",
+            name=f"{name} (seq {q.shape[2]}, head_dim {q.shape[3]}, heads {q.shape[1]}/{k.shape[1]}, {q.dtype}, "
+                 f"causal={causal})",
         )
     # lse: natural-log log-sum-exp of the scaled scores, float32 (B, H, S)
-    scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+    scores = (q.double() @ repeat_kv_heads(k.double(), q.shape[1]).transpose(-2, -1)) * scale
     if causal:
-        seq = q.shape[2]
-        scores = scores.masked_fill(~torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-3, rtol=1e-4)
     return out, lse, grads
@@ -108,6 +124,18 @@ def test_ops_have_the_contract_schemas_and_cuda_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), f"{name} has no CUDA kernel"
 
 
+def test_cuda_support_check_refuses_kv_cache_lengths_and_takes_grouped_heads(generator):
+    """The CUDA kernels take Hkv dividing H but need Sq == Sk; `auto` leaves KV-cache
+    shapes to Triton or the reference. (The length check comes before the device check,
+    so it runs on CPU tensors.)"""
+    unsupported = backends.OPS["flash_attention"].unsupported  # what explain() asks per backend
+    q = randn((1, 4, 3, 64), torch.float16, generator)
+    cache = randn((1, 2, 40, 64), torch.float16, generator)
+    assert "query length 3 differs from key length 40" in unsupported("cuda", q, cache, cache, 0.125)
+    grouped = randn((1, 2, 3, 64), torch.float16, generator)
+    assert "CUDA tensors" in unsupported("cuda", q, grouped, grouped, 0.125)  # the heads are fine
+
+
 # ----------------------------------------------------------------------------- GPU lane
 @requires_cuda_kernels
 @pytest.mark.gpu
@@ -118,6 +146,34 @@ def test_ops_have_the_contract_schemas_and_cuda_kernels():
 def test_reference_sweep(seq, head_dim, dtype, causal, generator):
     q, k, v, grad_out = random_inputs((BATCH, HEADS, seq, head_dim), dtype, generator)
     check_against_reference(q, k, v, grad_out, causal, 1.0 / math.sqrt(head_dim))
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", (True, False), ids=("causal", "full"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("heads, kv_heads", GQA_HEADS.values(), ids=GQA_HEADS.keys())
+@pytest.mark.parametrize("seq", GQA_SEQ_LENS)
+def test_grouped_query_reference_sweep(seq, heads, kv_heads, head_dim, dtype, causal, generator):
+    # Query head h reads K/V head h // (H / Hkv); dK, dV sum over the group's query heads.
+    q, k, v, grad_out = random_inputs((BATCH, heads, seq, head_dim), dtype, generator, kv_heads=kv_heads)
+    check_against_reference(q, k, v, grad_out, causal, 1.0 / math.sqrt(head_dim))
+
+
+@requires_cuda_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_grouped_query_grads_are_bitwise_identical_and_explain_picks_cuda(head_dim, generator):
+    # The dK/dV block of a K/V head loops over its 4 query heads in a fixed order, no atomics.
+    q, k, v, grad_out = random_inputs((BATCH, 8, 1025, head_dim), torch.bfloat16, generator, kv_heads=2)
+    assert llmkernels.explain("flash_attention", q, k, v)["cuda"] is None
+    out, lse = cuda_forward(q, k, v, True, 0.125)
+    first = cuda_backward(grad_out, q, k, v, out, lse, True, 0.125)
+    for _ in range(3):
+        again = cuda_backward(grad_out, q, k, v, out, lse, True, 0.125)
+        for name, a, b in zip(("dq", "dk", "dv"), first, again):
+            assert torch.equal(a, b), f"{name} differs between identical runs"
 
 
 @requires_cuda_kernels
@@ -271,10 +327,12 @@ def test_bad_inputs_are_clear_errors_naming_the_argument(generator):
     q, k, v, grad_out = random_inputs((1, 2, 33, 64), torch.float16, generator)
     with pytest.raises(RuntimeError, match="k must have q's dtype"):
         cuda_forward(q, k.bfloat16(), v, True, 0.1)
-    with pytest.raises(RuntimeError, match="v must have q's shape"):
+    with pytest.raises(RuntimeError, match="v must have k's shape"):
         cuda_forward(q, k, v[:, :, :20], True, 0.1)
-    with pytest.raises(RuntimeError, match="k must have q's shape"):
-        cuda_forward(q, k[:, :1], v[:, :1], True, 0.1)  # grouped-query k/v
+    with pytest.raises(RuntimeError, match="k must have shape \\(B, Hkv, S, D\\)"):
+        cuda_forward(q, k[:, :, :20], v[:, :, :20], True, 0.1)  # a KV cache: Sk != Sq
+    with pytest.raises(RuntimeError, match="Hkv dividing q's H"):
+        cuda_forward(torch.cat([q, q[:, :1]], dim=1), k, v, True, 0.1)  # 3 query heads, 2 K/V heads
     with pytest.raises(RuntimeError, match="v must be a CUDA tensor"):
         cuda_forward(q, k, v.cpu(), True, 0.1)
     with pytest.raises(RuntimeError, match="q must be bfloat16 or float16"):

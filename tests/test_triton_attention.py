@@ -2,7 +2,8 @@
 
 CPU lane: Triton's interpreter (TRITON_INTERPRET=1, set by conftest), float32 and float16,
 B=1 and two heads (the interpreter is slow), ragged sequence lengths, head dims 64 and
-128. GPU lane: bfloat16/float16 at full sizes.
+128; grouped-query attention (H / Hkv = 1, 2, 4) and fewer queries than keys (a KV cache,
+causal diagonal bottom-right). GPU lane: bfloat16/float16 at full sizes.
 
 The yardstick for the numerics rule is attention written plainly in the kernel's
 precision (scores, softmax and products all in that dtype), as in the flash-attention
@@ -30,7 +31,7 @@ def _plain_attention(q, k, v, causal, scale):
     """Attention in q's own precision, no upcasting: PyTorch's accuracy in that dtype."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
@@ -39,10 +40,10 @@ def _plain_attention(q, k, v, causal, scale):
 def _log_sum_exp64(q, k, causal, scale):
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, dim=1)
-    scores = (q.double() @ k.transpose(-2, -1)) * scale  # (B, H, S, S)
+    scores = (q.double() @ k.transpose(-2, -1)) * scale  # (B, H, Sq, Sk)
     if causal:
         scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    return torch.logsumexp(scores, dim=-1)  # (B, H, S)
+    return torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
 
 
 def _check_attention(q, k, v, causal, generator, scale=None, floor=1e-5):
@@ -75,11 +76,51 @@ def test_attention_matches_reference(seq_len, head_dim, causal, dtype, generator
     _check_attention(q, k, v, causal, generator)
 
 
+# (batch, heads, kv_heads, query_len, key_len): decoding one token after a cache, prefill of a
+# chunk after a cache, and Sq == Sk, with H / Hkv = 1, 2, 4. The interpreter's blocks are
+# 32 queries x 16 keys (forward, dQ) and 16 x 32 (dK/dV), so Sk - Sq = 23, 17 and 96 put
+# the diagonal off the block grid, and 113 / 130 rows make ragged last blocks.
+KV_CACHE_SHAPES = {
+    "decode-mqa": (2, 2, 1, 1, 113),
+    "chunk-gqa2": (1, 4, 2, 17, 40),
+    "chunk-mha": (1, 2, 2, 17, 113),
+    "prefill-gqa4": (1, 4, 1, 113, 130),
+    "square-gqa2": (2, 4, 2, 17, 17),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grouped_query_attention(dtype, generator):
-    q = randn((2, 4, 37, 32), dtype, generator)
-    k, v = (randn((2, 2, 37, 32), dtype, generator) for _ in range(2))
-    _check_attention(q, k, v, True, generator)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", KV_CACHE_SHAPES.values(), ids=KV_CACHE_SHAPES.keys())
+def test_grouped_query_and_kv_cache_shapes(shape, causal, dtype, generator):
+    batch, heads, kv_heads, query_len, key_len = shape
+    q = randn((batch, heads, query_len, 32), dtype, generator)
+    k, v = (randn((batch, kv_heads, key_len, 32), dtype, generator) for _ in range(2))
+    _check_attention(q, k, v, causal, generator)
+
+
+def test_more_queries_than_keys_without_causal_mask(generator):
+    q = randn((1, 2, 40, 16), torch.float32, generator)
+    k, v = (randn((1, 1, 17, 16), torch.float32, generator) for _ in range(2))
+    _check_attention(q, k, v, False, generator)
+
+
+def test_public_api_runs_kv_cache_shapes_on_triton(generator):
+    """auto picks Triton for GQA with a KV cache (the CUDA kernels need Sq == Sk), and
+    autograd through it matches the reference."""
+    q = randn((1, 4, 3, 16), torch.float32, generator).requires_grad_()
+    k, v = (randn((1, 2, 21, 16), torch.float32, generator).requires_grad_() for _ in range(2))
+    reasons = llmkernels.explain("flash_attention", q, k, v)
+    assert reasons["triton"] is None
+    assert backends.select_backend("flash_attention", "auto", q, k, v, 0.25) == "triton"
+    out = llmkernels.flash_attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    inputs64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out64 = flash_attention_reference(*inputs64, True, None)
+    grads64 = torch.autograd.grad(out64.square().sum(), inputs64)
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    for grad, grad64 in zip(grads, grads64):
+        torch.testing.assert_close(grad.double(), grad64, atol=1e-5, rtol=1e-5)
 
 
 def test_strided_inputs_and_explicit_scale(generator):
@@ -125,6 +166,10 @@ def test_opcheck(generator):
     out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.25)
     torch.library.opcheck(ops.triton_flash_attention_forward, (q, k, v, True, 0.25))
     torch.library.opcheck(ops.triton_flash_attention_backward, (grad_out, q, k, v, out, lse, True, 0.25))
+    k, v = (randn((1, 1, 14, 16), torch.float32, generator) for _ in range(2))  # one K/V head, a longer cache
+    out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.25)
+    torch.library.opcheck(ops.triton_flash_attention_forward, (q, k, v, True, 0.25))
+    torch.library.opcheck(ops.triton_flash_attention_backward, (grad_out, q, k, v, out, lse, True, 0.25))
 
 
 def test_supports_refuses_with_reason():
@@ -135,6 +180,11 @@ def test_supports_refuses_with_reason():
     assert "multiple" in supports_flash_attention(q, kv, kv)
     assert "dtype" in supports_flash_attention(q.int(), q.int(), q.int())
     assert supports_flash_attention(q, q, q) is None
+    cache = torch.zeros(1, 1, 20, 64)  # fewer queries than keys, one K/V head: taken
+    assert supports_flash_attention(q, cache, cache, causal=True) is None
+    assert "query length (20) <= key length (8)" in supports_flash_attention(cache, q[:, :1], q[:, :1], causal=True)
+    assert supports_flash_attention(cache, q[:, :1], q[:, :1]) is None  # without the mask any lengths
+    assert "no keys" in supports_flash_attention(q, cache[:, :, :0], cache[:, :, :0])
 
 
 # ------------------------------------------------------------------- GPU lane
@@ -154,6 +204,29 @@ def test_grouped_query_attention_gpu(head_dim, generator):
     q = randn((2, 8, 1025, head_dim), torch.bfloat16, generator, "cuda")
     k, v = (randn((2, 2, 1025, head_dim), torch.bfloat16, generator, "cuda") for _ in range(2))
     _check_attention(q, k, v, True, generator)
+
+
+@requires_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", KV_CACHE_SHAPES.values(), ids=KV_CACHE_SHAPES.keys())
+def test_grouped_query_and_kv_cache_shapes_gpu(shape, causal, generator):
+    _batch, heads, kv_heads, query_len, key_len = shape
+    q = randn((2, heads, query_len, 64), torch.bfloat16, generator, "cuda")
+    k, v = (randn((2, kv_heads, key_len + 1000, 64), torch.bfloat16, generator, "cuda") for _ in range(2))
+    _check_attention(q, k, v, causal, generator)
+
+
+@requires_cuda
+def test_grouped_query_grads_are_bitwise_reproducible_gpu(generator):
+    """dK, dV sum the group's query heads in a fixed order (no atomics)."""
+    q, grad_out = (randn((2, 8, 1025, 64), torch.bfloat16, generator, "cuda") for _ in range(2))
+    k, v = (randn((2, 2, 1100, 64), torch.bfloat16, generator, "cuda") for _ in range(2))
+    out, lse = ops.triton_flash_attention_forward(q, k, v, True, 0.125)
+    first = ops.triton_flash_attention_backward(grad_out, q, k, v, out, lse, True, 0.125)
+    for _ in range(3):
+        again = ops.triton_flash_attention_backward(grad_out, q, k, v, out, lse, True, 0.125)
+        for name, a, b in zip(("dq", "dk", "dv"), first, again):
+            assert torch.equal(a, b), f"{name} differs between identical runs"
 
 
 @requires_cuda

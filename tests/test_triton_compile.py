@@ -56,13 +56,19 @@ def compile_kernel(kernel, types, constants, num_warps, num_stages):
 
 results = {}
 attention_types = {"ptr": "bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "qk_scale_log2": "fp32", "scale": "fp32"}
-for label, kernel, block_m, block_n, warps, stages in [
-    ("attention forward", attention._forward_kernel, 128, 64, 8, 3),
-    ("attention dK/dV", attention._grad_kv_kernel, 32, 64, 8, 3),
-    ("attention dQ", attention._grad_q_kernel, 128, 64, 8, 3),
+# Triton specializes an integer argument equal to 1 into a constant, so multi-head attention
+# (group_size 1) and the forward of decoding one token (query_len 1) are kernels of their own;
+# grouped-query attention (group_size > 1) and a KV cache (query_len != key_len) run the general one.
+ATTENTION_VARIANTS = {"GQA": {}, "MHA": {"group_size": 1}}
+for label, kernel, block_m, block_n, warps, stages, variants in [
+    ("attention forward", attention._forward_kernel, 128, 64, 8, 3, {**ATTENTION_VARIANTS, "decode": {"query_len": 1}}),
+    ("attention dK/dV", attention._grad_kv_kernel, 32, 64, 8, 3, ATTENTION_VARIANTS),
+    ("attention dQ", attention._grad_q_kernel, 128, 64, 8, 3, ATTENTION_VARIANTS),
 ]:
-    constants = {"HEAD_DIM": 64, "CAUSAL": True, "INPUT_PRECISION": "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n}
-    results[label] = compile_kernel(kernel, attention_types, constants, warps, stages)
+    for variant, specialized in variants.items():
+        constants = {"HEAD_DIM": 64, "CAUSAL": True, "INPUT_PRECISION": "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     **specialized}
+        results[f"{label} {variant}"] = compile_kernel(kernel, attention_types, constants, warps, stages)
 results["attention delta"] = compile_kernel(
     attention._backward_delta_kernel, {"ptr": "bf16", "delta_ptr": "*fp32"}, {"HEAD_DIM": 64, "BLOCK_M": 64}, 4, 1)
 
@@ -115,4 +121,5 @@ def test_kernels_compile_for_sm90_without_spills():
     print("\n".join(f"{label:32s} {info}" for label, info in results.items()))
     spilling = {label: info for label, info in results.items() if info["spill_bytes"] > 0}
     assert not spilling, f"register spills on sm_90: {spilling}"
-    assert all(results[label]["wgmma"] for label in ("attention forward", "attention dK/dV", "attention dQ"))
+    attention = [label for label in results if label.startswith(("attention forward", "attention dK/dV", "attention dQ"))]
+    assert len(attention) == 7 and all(results[label]["wgmma"] for label in attention)

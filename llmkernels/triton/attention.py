@@ -1,6 +1,7 @@
 """Flash attention (forward and backward) in Triton, after FlashAttention-2.
 
-    out = softmax(scale * q @ k^T [+ causal mask]) @ v        q, k, v, out: (B, H, S, D)
+    out = softmax(scale * q @ k^T [+ causal mask]) @ v
+    q, out: (B, H, Sq, D)    k, v: (B, Hkv, Sk, D)    lse: (B, H, Sq)
 
 The (S, S) score matrix is never stored. The forward walks the key/value blocks for one
 block of queries, keeping a running row max m, row sum l and output accumulator in fp32
@@ -25,7 +26,13 @@ dim, causal, dtype).
 
 Grouped-query attention (k, v with Hkv heads, H a multiple of Hkv): query head h reads
 key/value head h // (H // Hkv); the dK/dV program of a key/value head loops over the
-H // Hkv query heads of its group, so the group sum needs no atomics either.
+H // Hkv query heads of its group in a fixed order, so the group sum needs no atomics
+and is the same on every run.
+
+Fewer queries than keys (Sq < Sk: prefill or decoding after a KV cache): the causal
+diagonal is aligned bottom-right, as in flash-attn and PyTorch's causal_lower_right, so
+query i sees keys j <= i + (Sk - Sq) and the last query sees every key. Every block
+bound below is written with that offset, `diagonal` = Sk - Sq (0 when Sq == Sk).
 """
 import math
 from typing import Optional
@@ -42,10 +49,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 def supports_flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, causal: bool = False
 ) -> Optional[str]:
-    """None if the Triton attention kernels can take q (B, H, S, D), k, v (B, Hkv, S, D)
-    and scale (if given), else the reason."""
+    """None if the Triton attention kernels can take q (B, H, Sq, D), k, v (B, Hkv, Sk, D),
+    scale (if given) and causal, else the reason."""
     if scale is not None and not scale > 0:
         return f"scale must be positive, got {scale}"  # the row max is taken before scaling
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -58,15 +65,20 @@ def supports_flash_attention(
         return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
     if k.device != q.device or v.device != q.device:
         return f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})"
-    batch, heads, seq_len, head_dim = q.shape
+    batch, heads, query_len, head_dim = q.shape
     if head_dim not in HEAD_DIMS:
         return f"head_dim {head_dim} unsupported {HEAD_DIMS}"
     if k.shape != v.shape:
         return f"k and v shapes differ ({tuple(k.shape)}, {tuple(v.shape)})"
-    if k.shape[0] != batch or k.shape[2] != seq_len or k.shape[3] != head_dim:
-        return f"k, v must have shape ({batch}, kv_heads, {seq_len}, {head_dim}) like q, got {tuple(k.shape)}"
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        return f"k, v must have shape ({batch}, kv_heads, key_len, {head_dim}) like q, got {tuple(k.shape)}"
     if k.shape[1] == 0 or heads % k.shape[1] != 0:
         return f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})"
+    if k.shape[2] == 0 and q.numel() > 0:
+        return "k, v have no keys: the softmax of a query over no keys is undefined"
+    if causal and query_len > k.shape[2]:
+        # bottom-right alignment would leave the first queries without any key
+        return f"causal attention needs query length ({query_len}) <= key length ({k.shape[2]})"
     return None
 
 
@@ -87,9 +99,9 @@ def _configs(shapes: list[tuple[int, int, int, int]], interpreted: tuple[int, in
     head_dim 64 (for head_dim 128 the dK/dV configs spill tens to hundreds of bytes;
     tuning picks the fastest). The last, small config of each list is for fp32 inputs,
     whose tiles overflow shared memory in the larger configs (those fail to compile and
-    the autotuner skips them). Forward BLOCK_M must be a multiple of BLOCK_N, dK/dV
-    BLOCK_N a multiple of BLOCK_M, dQ BLOCK_M a multiple of BLOCK_N (the masked diagonal
-    is whole blocks)."""
+    the autotuner skips them). Forward and dQ BLOCK_M are multiples of BLOCK_N, dK/dV
+    BLOCK_N a multiple of BLOCK_M: with Sq == Sk the masked diagonal is then whole blocks
+    (any sizes are correct; a KV cache's offset diagonal masks one block more)."""
     if INTERPRETER:
         return [triton.Config({"BLOCK_M": interpreted[0], "BLOCK_N": interpreted[1]}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
@@ -102,42 +114,43 @@ GRAD_KV_CONFIGS = [
 ]  # fmt: skip
 GRAD_Q_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2)]
 
-# Retuned per power-of-two sequence length bucket, head dim, causal and dtype (Triton adds
-# the tensor dtypes to the key), so generating with a growing sequence does not retune
-# at every length.
-AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"]
+# Retuned per power-of-two bucket of the query and of the key length, head dim, causal and
+# dtype (Triton adds the tensor dtypes to the key), so generating with a growing KV cache
+# does not retune at every length.
+AUTOTUNE_KEY = ["QUERY_BUCKET", "KEY_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
 # --------------------------------------------------------------------- forward
 @triton.jit
 def _forward_inner(
-    acc, row_sum, row_max, q, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, seq_len, qk_scale_log2,
-    lo, hi,
+    acc, row_sum, row_max, q, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, key_len, diagonal,
+    qk_scale_log2, lo, hi,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks [lo, hi) for one query block; scores in log2 units.
 
     MASK=False: every key in range is valid and visible (no bounds checks, no mask).
-    MASK=True: the causal diagonal (CAUSAL) or the ragged last key block (otherwise)."""
+    MASK=True: the causal diagonal (CAUSAL: query i sees keys j <= i + diagonal) or the
+    ragged last key block (otherwise)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < seq_len, other=0.0)
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < key_len, other=0.0)
         else:
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2  # (BLOCK_M, BLOCK_N)
         if MASK:
             if CAUSAL:
-                visible = rows[:, None] >= cols[None, :]  # also hides keys >= seq_len from valid rows
+                visible = rows[:, None] + diagonal >= cols[None, :]  # also hides keys >= key_len from valid rows
             else:
-                visible = cols[None, :] < seq_len
+                visible = cols[None, :] < key_len
             scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         p = tl.math.exp2(scores - new_max[:, None])
         correction = tl.math.exp2(row_max - new_max)  # rescales what was accumulated under the old max
         row_sum = row_sum * correction + tl.sum(p, axis=1)
         if MASK:
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < seq_len, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < key_len, other=0.0)
         else:
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
@@ -154,18 +167,19 @@ def _forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    num_heads, group_size, seq_len, qk_scale_log2, SEQ_BUCKET,
+    num_heads, group_size, query_len, key_len, qk_scale_log2, QUERY_BUCKET, KEY_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """out and lse for one (batch, head) and one block of BLOCK_M queries.
+    """out (B, H, Sq, D) and lse (B, H, Sq) for one (batch, head) and one block of BLOCK_M
+    queries.
 
-    Grid (B * H, query blocks). Causal: key blocks entirely below the diagonal run
-    unmasked, then the BLOCK_M / BLOCK_N blocks on the diagonal run masked; nothing above
-    it is touched. Query blocks are issued last-first, since they carry the most work."""
+    Grid (B * H, query blocks). Causal: key blocks that every query of the block sees run
+    unmasked, then the blocks crossing the diagonal run masked; nothing above it is
+    touched. Query blocks are issued last-first, since they carry the most work."""
     batch_head = tl.program_id(0)
     batch, head = batch_head // num_heads, batch_head % num_heads
-    kv_head = head // group_size
+    kv_head = head // group_size  # the group_size query heads of a group share one K/V head
     block_m = tl.program_id(1)
     if CAUSAL:
         block_m = tl.num_programs(1) - 1 - block_m
@@ -176,25 +190,28 @@ def _forward_kernel(
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    row_mask = rows < seq_len
+    row_mask = rows < query_len
     q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    diagonal = key_len - query_len  # causal: query i sees keys j <= i + diagonal
     if CAUSAL:
-        unmasked_end = start_m  # keys below this block's first query: all visible, all < seq_len
-        masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
+        # whole key blocks up to key start_m + diagonal (what the block's first query sees):
+        # visible to every query of the block, and all < key_len
+        unmasked_end = ((start_m + diagonal + 1) // BLOCK_N) * BLOCK_N
+        masked_end = tl.minimum(start_m + BLOCK_M + diagonal, key_len)  # past the last query's last key
     else:
-        unmasked_end = (seq_len // BLOCK_N) * BLOCK_N  # whole key blocks
-        masked_end = seq_len  # the ragged tail, if any
+        unmasked_end = (key_len // BLOCK_N) * BLOCK_N  # whole key blocks
+        masked_end = key_len  # the ragged tail, if any
     acc, row_sum, row_max = _forward_inner(
-        acc, row_sum, row_max, q, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, seq_len, qk_scale_log2,
-        0, unmasked_end, False, CAUSAL, BLOCK_N, INPUT_PRECISION,
+        acc, row_sum, row_max, q, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, key_len, diagonal,
+        qk_scale_log2, 0, unmasked_end, False, CAUSAL, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
     acc, row_sum, row_max = _forward_inner(
-        acc, row_sum, row_max, q, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, seq_len, qk_scale_log2,
-        unmasked_end, masked_end, True, CAUSAL, BLOCK_N, INPUT_PRECISION,
+        acc, row_sum, row_max, q, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d, key_len, diagonal,
+        qk_scale_log2, unmasked_end, masked_end, True, CAUSAL, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
 
     out = acc / row_sum[:, None]
@@ -202,7 +219,7 @@ def _forward_kernel(
     out_ptrs = out_base + rows[:, None] * stride_os + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     lse = (row_max + tl.math.log2(row_sum)) * LN2  # natural log of sum_j exp(scale * q.k_j)
-    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_len + rows, lse, mask=row_mask)
+    tl.store(lse_ptr + batch_head.to(tl.int64) * query_len + rows, lse, mask=row_mask)
 
 
 # -------------------------------------------------------------------- backward
@@ -229,20 +246,20 @@ def _backward_delta_kernel(
 @triton.jit
 def _grad_kv_inner(
     grad_k, grad_v, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, cols, offs_m, offs_d,
-    seq_len, qk_scale_log2, lo, hi,
+    query_len, diagonal, qk_scale_log2, lo, hi,
     MASK: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Adds the contributions of query blocks [lo, hi) to one key block's dK, dV (transposed
-    formulation: (BLOCK_N, BLOCK_M) tiles). Query rows past seq_len load lse = +inf, so
+    formulation: (BLOCK_N, BLOCK_M) tiles). Query rows past query_len load lse = +inf, so
     their probabilities are exactly 0; MASK applies the causal mask on the diagonal."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        row_mask = rows < seq_len
+        row_mask = rows < query_len
         q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
         lse_log2 = tl.load(lse_base + rows, mask=row_mask, other=float("inf")) * LOG2E
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale_log2 - lse_log2[None, :])
         if MASK:
-            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)  # (BLOCK_N, BLOCK_M)
+            p_t = tl.where(rows[None, :] + diagonal >= cols[:, None], p_t, 0.0)  # (BLOCK_N, BLOCK_M)
         do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_mask[:, None], other=0.0)
         grad_v = tl.dot(p_t.to(do.dtype), do, grad_v, input_precision=INPUT_PRECISION)
         delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
@@ -261,16 +278,17 @@ def _grad_kv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
-    num_heads, group_size, seq_len, qk_scale_log2, scale, SEQ_BUCKET,
+    num_heads, group_size, query_len, key_len, qk_scale_log2, scale, QUERY_BUCKET, KEY_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV for one (batch, key/value head) and one block of BLOCK_N keys.
+    """dK, dV (B, Hkv, Sk, D) for one (batch, key/value head) and one block of BLOCK_N keys.
 
     Grid (B * Hkv, key blocks). k, v and the dK, dV accumulators stay in registers while
-    the program streams q, dO, lse and delta of every query head of its group. Causal:
-    query blocks on the diagonal run masked, those after it unmasked, those before it
-    (which cannot see these keys) are skipped. dK, dV are written with plain stores."""
+    the program streams q, dO, lse and delta of every query head of its group, one head
+    after the other in a fixed order (the deterministic group sum). Causal: query blocks
+    crossing the diagonal run masked, those after it unmasked, those before it (which
+    cannot see these keys) are skipped. dK, dV are written with plain stores."""
     batch_kv_head = tl.program_id(0)
     num_kv_heads = num_heads // group_size
     batch, kv_head = batch_kv_head // num_kv_heads, batch_kv_head % num_kv_heads
@@ -278,37 +296,43 @@ def _grad_kv_kernel(
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_mask = cols[:, None] < seq_len
+    col_mask = cols[:, None] < key_len
     kv_offsets = batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + cols[:, None] * stride_ks
     k = tl.load(k_ptr + kv_offsets + offs_d[None, :], mask=col_mask, other=0.0)
     v_offsets = batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + cols[:, None] * stride_vs
     v = tl.load(v_ptr + v_offsets + offs_d[None, :], mask=col_mask, other=0.0)
 
+    diagonal = key_len - query_len  # causal: query i sees keys j <= i + diagonal
+    if CAUSAL:
+        # Queries before start_n - diagonal see none of these keys; from
+        # start_n + BLOCK_N - 1 - diagonal on they see all of them. Rounded out to whole
+        # query blocks (clamped at 0 first: with a KV cache a key block can precede every query).
+        masked_start = (tl.maximum(start_n - diagonal, 0) // BLOCK_M) * BLOCK_M
+        unmasked_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diagonal, 0), BLOCK_M) * BLOCK_M
+    else:
+        masked_start = 0
+        unmasked_start = 0
+
     grad_k = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     grad_v = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    for member in range(group_size):
+    for member in range(group_size):  # the query heads of this K/V head, in order
         head = kv_head * group_size + member
         q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         do_base = do_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
-        row_offset = (batch * num_heads + head).to(tl.int64) * seq_len
-        if CAUSAL:
-            # queries [start_n, start_n + BLOCK_N) straddle the diagonal; later ones see every key here
-            grad_k, grad_v = _grad_kv_inner(
-                grad_k, grad_v, k, v, q_base, do_base, lse_ptr + row_offset, delta_ptr + row_offset,
-                stride_qs, stride_ds, cols, offs_m, offs_d, seq_len, qk_scale_log2,
-                start_n, tl.minimum(start_n + BLOCK_N, seq_len), True, BLOCK_M, INPUT_PRECISION,
-            )  # fmt: skip
-            unmasked_start = start_n + BLOCK_N
-        else:
-            unmasked_start = 0
+        row_offset = (batch * num_heads + head).to(tl.int64) * query_len
         grad_k, grad_v = _grad_kv_inner(
             grad_k, grad_v, k, v, q_base, do_base, lse_ptr + row_offset, delta_ptr + row_offset,
-            stride_qs, stride_ds, cols, offs_m, offs_d, seq_len, qk_scale_log2,
-            unmasked_start, seq_len, False, BLOCK_M, INPUT_PRECISION,
+            stride_qs, stride_ds, cols, offs_m, offs_d, query_len, diagonal, qk_scale_log2,
+            masked_start, tl.minimum(unmasked_start, query_len), True, BLOCK_M, INPUT_PRECISION,
+        )  # fmt: skip
+        grad_k, grad_v = _grad_kv_inner(
+            grad_k, grad_v, k, v, q_base, do_base, lse_ptr + row_offset, delta_ptr + row_offset,
+            stride_qs, stride_ds, cols, offs_m, offs_d, query_len, diagonal, qk_scale_log2,
+            unmasked_start, query_len, False, BLOCK_M, INPUT_PRECISION,
         )  # fmt: skip
 
-    # dK, dV are contiguous (B, Hkv, S, D)
-    out_offsets = (batch_kv_head.to(tl.int64) * seq_len + cols[:, None]) * HEAD_DIM + offs_d[None, :]
+    # dK, dV are contiguous (B, Hkv, Sk, D)
+    out_offsets = (batch_kv_head.to(tl.int64) * key_len + cols[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out_offsets, (grad_k * scale).to(dk_ptr.dtype.element_ty), mask=col_mask)
     tl.store(dv_ptr + out_offsets, grad_v.to(dv_ptr.dtype.element_ty), mask=col_mask)
 
@@ -316,7 +340,7 @@ def _grad_kv_kernel(
 @triton.jit
 def _grad_q_inner(
     grad_q, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-    seq_len, qk_scale_log2, lo, hi,
+    key_len, diagonal, qk_scale_log2, lo, hi,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Adds the contributions of key blocks [lo, hi) to one query block's dQ (unscaled).
@@ -324,17 +348,17 @@ def _grad_q_inner(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK:
-            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < seq_len, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < seq_len, other=0.0)
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=cols[:, None] < key_len, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=cols[:, None] < key_len, other=0.0)
         else:
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2 - lse_log2[:, None])
         if MASK:
             if CAUSAL:
-                visible = rows[:, None] >= cols[None, :]
+                visible = rows[:, None] + diagonal >= cols[None, :]
             else:
-                visible = cols[None, :] < seq_len
+                visible = cols[None, :] < key_len
             p = tl.where(visible, p, 0.0)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -351,12 +375,13 @@ def _grad_q_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_db, stride_dh, stride_ds,
-    num_heads, group_size, seq_len, qk_scale_log2, scale, SEQ_BUCKET,
+    num_heads, group_size, query_len, key_len, qk_scale_log2, scale, QUERY_BUCKET, KEY_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dQ for one (batch, head) and one block of BLOCK_M queries: grid (B * H, query blocks),
-    key blocks visited like the forward (unmasked below the diagonal, masked on it)."""
+    """dQ (B, H, Sq, D) for one (batch, head) and one block of BLOCK_M queries: grid
+    (B * H, query blocks), key blocks visited like the forward (unmasked below the
+    diagonal, masked across it)."""
     batch_head = tl.program_id(0)
     batch, head = batch_head // num_heads, batch_head % num_heads
     kv_head = head // group_size
@@ -367,34 +392,35 @@ def _grad_q_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_mask = rows < seq_len
+    row_mask = rows < query_len
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     do_base = do_ptr + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_mask[:, None], other=0.0)
     do = tl.load(do_base + rows[:, None] * stride_ds + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-    lse_log2 = tl.load(lse_ptr + batch_head.to(tl.int64) * seq_len + rows, mask=row_mask, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + batch_head.to(tl.int64) * seq_len + rows, mask=row_mask, other=0.0)
+    lse_log2 = tl.load(lse_ptr + batch_head.to(tl.int64) * query_len + rows, mask=row_mask, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + batch_head.to(tl.int64) * query_len + rows, mask=row_mask, other=0.0)
 
     grad_q = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    if CAUSAL:
-        unmasked_end = start_m
-        masked_end = tl.minimum(start_m + BLOCK_M, seq_len)
+    diagonal = key_len - query_len
+    if CAUSAL:  # the forward's bounds
+        unmasked_end = ((start_m + diagonal + 1) // BLOCK_N) * BLOCK_N
+        masked_end = tl.minimum(start_m + BLOCK_M + diagonal, key_len)
     else:
-        unmasked_end = (seq_len // BLOCK_N) * BLOCK_N
-        masked_end = seq_len
+        unmasked_end = (key_len // BLOCK_N) * BLOCK_N
+        masked_end = key_len
     grad_q = _grad_q_inner(
         grad_q, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-        seq_len, qk_scale_log2, 0, unmasked_end, False, CAUSAL, BLOCK_N, INPUT_PRECISION,
+        key_len, diagonal, qk_scale_log2, 0, unmasked_end, False, CAUSAL, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
     grad_q = _grad_q_inner(
         grad_q, q, do, lse_log2, delta, k_base, v_base, stride_ks, stride_vs, rows, offs_n, offs_d,
-        seq_len, qk_scale_log2, unmasked_end, masked_end, True, CAUSAL, BLOCK_N, INPUT_PRECISION,
+        key_len, diagonal, qk_scale_log2, unmasked_end, masked_end, True, CAUSAL, BLOCK_N, INPUT_PRECISION,
     )  # fmt: skip
 
-    # dQ is contiguous (B, H, S, D)
-    out_offsets = (batch_head.to(tl.int64) * seq_len + rows[:, None]) * HEAD_DIM + offs_d[None, :]
+    # dQ is contiguous (B, H, Sq, D)
+    out_offsets = (batch_head.to(tl.int64) * query_len + rows[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptr + out_offsets, (grad_q * scale).to(dq_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
@@ -403,25 +429,31 @@ def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _length_buckets(query_len: int, key_len: int) -> tuple[int, int]:
+    """(QUERY_BUCKET, KEY_BUCKET) of AUTOTUNE_KEY."""
+    return triton.next_power_of_2(query_len), triton.next_power_of_2(key_len)
+
+
 @define_op("llmkernels::triton_flash_attention_forward")
 def flash_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    raise_if_unsupported(supports_flash_attention(q, k, v, scale), "triton_flash_attention_forward")
+    raise_if_unsupported(supports_flash_attention(q, k, v, scale, causal), "triton_flash_attention_forward")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    batch, heads, seq_len, head_dim = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, S, D)
-    lse = torch.empty((batch, heads, seq_len), dtype=torch.float32, device=q.device)
+    batch, heads, query_len, head_dim = q.shape
+    key_len = k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (B, H, Sq, D)
+    lse = torch.empty((batch, heads, query_len), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
 
     def grid(meta):
-        return (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))
+        return (batch * heads, triton.cdiv(query_len, meta["BLOCK_M"]))
 
     launch(_forward_kernel, grid,
         q, k, v, out, lse,
         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(out),
-        heads, heads // k.shape[1], seq_len, scale * math.log2(math.e), triton.next_power_of_2(seq_len),
+        heads, heads // k.shape[1], query_len, key_len, scale * math.log2(math.e), *_length_buckets(query_len, key_len),
         HEAD_DIM=head_dim, CAUSAL=causal, INPUT_PRECISION=_dot_precision(q.dtype),
     )  # fmt: skip
     return out, lse
@@ -438,47 +470,49 @@ def flash_attention_backward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise_if_unsupported(supports_flash_attention(q, k, v, scale), "triton_flash_attention_backward")
+    raise_if_unsupported(supports_flash_attention(q, k, v, scale, causal), "triton_flash_attention_backward")
     for name, t in (("grad_out", grad_out), ("out", out)):
         if t.shape != q.shape or t.dtype != q.dtype:
             raise ValueError(
                 f"triton_flash_attention_backward: {name} must be {q.dtype} of q's shape {tuple(q.shape)}, "
                 f"got {t.dtype} {tuple(t.shape)}"
             )
-    batch, heads, seq_len, head_dim = q.shape
-    if lse.shape != (batch, heads, seq_len) or lse.dtype != torch.float32:
+    batch, heads, query_len, head_dim = q.shape
+    key_len = k.shape[2]
+    if lse.shape != (batch, heads, query_len) or lse.dtype != torch.float32:
         raise ValueError(
-            f"triton_flash_attention_backward: lse must be float32 of shape ({batch}, {heads}, {seq_len}), "
+            f"triton_flash_attention_backward: lse must be float32 of shape ({batch}, {heads}, {query_len}), "
             f"got {lse.dtype} {tuple(lse.shape)}"
         )
     grad_out, q, k, v, out = (last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
-    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (B, H, S, D)
-    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # contiguous (B, Hkv, S, D)
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous (B, H, Sq, D)
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # contiguous (B, Hkv, Sk, D)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if grad_q.numel() == 0:
-        return grad_q, grad_k, grad_v
-    delta = torch.empty_like(lse)  # (B, H, S) float32
+        return grad_q, grad_k.zero_(), grad_v.zero_()  # no query sees any key
+    delta = torch.empty_like(lse)  # (B, H, Sq) float32
     delta_block = 64
-    launch(_backward_delta_kernel, (batch * heads, triton.cdiv(seq_len, delta_block)),
-        out, grad_out, delta, *_bhs_strides(out), *_bhs_strides(grad_out), heads, seq_len,
+    launch(_backward_delta_kernel, (batch * heads, triton.cdiv(query_len, delta_block)),
+        out, grad_out, delta, *_bhs_strides(out), *_bhs_strides(grad_out), heads, query_len,
         HEAD_DIM=head_dim, BLOCK_M=delta_block,
     )  # fmt: skip
 
     kv_heads = k.shape[1]
     common = (
         *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(grad_out),
-        heads, heads // kv_heads, seq_len, scale * math.log2(math.e), scale, triton.next_power_of_2(seq_len),
+        heads, heads // kv_heads, query_len, key_len, scale * math.log2(math.e), scale,
+        *_length_buckets(query_len, key_len),
     )  # fmt: skip
     constants = {"HEAD_DIM": head_dim, "CAUSAL": causal, "INPUT_PRECISION": _dot_precision(q.dtype)}
 
     def kv_grid(meta):
-        return (batch * kv_heads, triton.cdiv(seq_len, meta["BLOCK_N"]))
+        return (batch * kv_heads, triton.cdiv(key_len, meta["BLOCK_N"]))
 
     launch(_grad_kv_kernel, kv_grid, q, k, v, grad_out, lse, delta, grad_k, grad_v, *common, **constants)
 
     def q_grid(meta):
-        return (batch * heads, triton.cdiv(seq_len, meta["BLOCK_M"]))
+        return (batch * heads, triton.cdiv(query_len, meta["BLOCK_M"]))
 
     launch(_grad_q_kernel, q_grid, q, k, v, grad_out, lse, delta, grad_q, *common, **constants)
     return grad_q, grad_k, grad_v
