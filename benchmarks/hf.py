@@ -156,6 +156,13 @@ def plot(run: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def write_outputs(run: dict, out_dir: Path) -> None:
+    """results.json (every sample), results.md (the table) and hf.png from what the run holds."""
+    write_text(out_dir / "results.json", json.dumps(run, indent=1))
+    write_text(out_dir / "results.md", markdown(run))
+    plot(run, out_dir / "hf.png")
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -181,11 +188,8 @@ def main(argv=None) -> int:
     run["timer"] = timer.settings()
     for variant in tqdm(args.variant, desc="variants", file=sys.stderr):
         run["results"].append(measure(variant, stock, args, timer))
-        write_text(out_dir / "results.json", json.dumps(run, indent=1))  # a killed run keeps what it measured
-    run["elapsed_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    write_text(out_dir / "results.json", json.dumps(run, indent=1))
-    write_text(out_dir / "results.md", markdown(run))
-    plot(run, out_dir / "hf.png")
+        run["elapsed_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+        write_outputs(run, out_dir)  # after each variant: a killed run keeps what it measured
     print(markdown(run))
     print(f"wrote {out_dir}/results.json, results.md, hf.png ({run['elapsed_s']:.0f} s)")
     return 0

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 from numerics import GRAD_FACTOR, assert_close_to_reference, max_abs_error, randn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -116,7 +117,8 @@ def test_return_tuples_match_the_aten_schema(active_provider, generator):
 def _sdpa_math(q, k, v, causal, scale, mask_bottom_right):
     """SDPA's math backend with the flash path's causal mask (bottom-right aligned)."""
     query_len, key_len = q.shape[2], k.shape[2]
-    mask = torch.ones(query_len, key_len, dtype=torch.bool).tril(key_len - query_len) if mask_bottom_right else None
+    mask = (torch.ones(query_len, key_len, dtype=torch.bool, device=q.device).tril(key_len - query_len)
+            if mask_bottom_right else None)
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=k.shape[1] != q.shape[1])
@@ -180,3 +182,29 @@ def test_dropout_runs_the_reference_and_the_backward_replays_its_mask(active_pro
     # the backward dropped the same probabilities as the forward.
     assert torch.allclose((grad_out * out).sum(), (grad_v * v).sum(), rtol=1e-4, atol=1e-4)
     assert torch.isfinite(grad_q).all() and torch.isfinite(grad_k).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, seq_len", [(8, 8, 1025), (8, 2, 113)])
+def test_sdpa_flash_path_runs_our_kernels_gpu(active_provider, monkeypatch, generator, dtype, heads, kv_heads, seq_len):
+    q = randn((2, heads, seq_len, 64), dtype, generator, "cuda")
+    k, v = (randn((2, kv_heads, seq_len, 64), dtype, generator, "cuda") for _ in range(2))
+    grad_out = randn(q.shape, dtype, generator, "cuda")
+    used, choose = [], sdpa._chosen_backend
+    monkeypatch.setattr(sdpa, "_chosen_backend", lambda *args: used.append(choose(*args)) or used[-1])
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # PyTorch's flash path, now ours
+        out = F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=kv_heads != heads)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    reasons = llmkernels.explain("flash_attention", q, k, v, True)
+    assert used == [next(b for b, r in reasons.items() if r is None)] * 2  # forward and backward came to us
+    inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
+    out64 = _sdpa_math(*inputs64, True, None, True)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double())
+    inputs_p = [t.clone().requires_grad_() for t in (q, k, v)]
+    out_p = _sdpa_math(*inputs_p, True, None, True)
+    grads_p = torch.autograd.grad(out_p, inputs_p, grad_out)
+    assert_close_to_reference(out, out_p, out64, floor=1e-3)
+    for name, grad, grad_p, grad64 in zip("qkv", grads, grads_p, grads64):
+        assert_close_to_reference(grad, grad_p, grad64, factor=GRAD_FACTOR, floor=1e-3, name=f"grad_{name}")

@@ -14,7 +14,6 @@ import torch
 from numerics import GRAD_FACTOR, assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 import llmkernels  # noqa: E402
 from llmkernels.integrations import transformers as hf  # noqa: E402
@@ -162,6 +161,7 @@ def test_one_trainer_step(calls, tmp_path, generator):
 
 
 def test_peft_lora_on_a_patched_model(calls, generator):
+    peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                            task_type="CAUSAL_LM")
     stock = peft.get_peft_model(_gpt2(), lora)
