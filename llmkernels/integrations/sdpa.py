@@ -77,8 +77,11 @@ def _dropout_keep_mask(seed: int, shape: torch.Size, dropout_p: float, device: t
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
 
 
-def _reference_with_dropout(query, key, value, dropout_p: float, is_causal: bool, scale: float, seed: int):
-    """Attention with dropout on the probabilities (scaled by 1 / (1 - p)), in at least float32."""
+def _reference_forward(query, key, value, dropout_p: float, is_causal: bool, scale: float, seed: int):
+    """The reference attention; with dropout_p > 0 the probabilities outside the mask of `seed`
+    are dropped and the kept ones scaled by 1 / (1 - p). In at least float32."""
+    if dropout_p == 0.0:
+        return flash_attention_reference(query, key, value, is_causal, scale)
     scores = _scores(query, key, is_causal, scale)  # (B, H, Sq, Sk)
     keep = _dropout_keep_mask(seed, scores.shape, dropout_p, query.device)
     probs = torch.softmax(scores, dim=-1) * keep / (1.0 - dropout_p)
@@ -106,19 +109,19 @@ def scaled_dot_product_flash_attention(
                                   "(the debug mask is a test aid of PyTorch's own kernel)")
     scale = _default_scale(query, scale)
     seed = 0
-    if dropout_p > 0.0:  # no fused kernel has dropout: the reference, with a seed the backward can replay
-        seed = int(torch.randint(2**62, (), dtype=torch.int64))
-        output = _reference_with_dropout(query, key, value, dropout_p, is_causal, scale, seed)
-        logsumexp = torch.logsumexp(_scores(query, key, is_causal, scale), dim=-1).float()
+    chosen = "reference" if dropout_p > 0.0 else _chosen_backend(query, key, value, scale)
+    if chosen != "reference":
+        output, logsumexp = backends.fused_op(chosen, "flash_attention_forward")(query, key, value, is_causal, scale)
     else:
-        chosen = _chosen_backend(query, key, value, scale)
-        if chosen == "reference":
-            output = flash_attention_reference(query, key, value, is_causal, scale)
-            logsumexp = torch.logsumexp(_scores(query, key, is_causal, scale), dim=-1).float()  # (B, H, Sq)
-        else:
-            output, logsumexp = backends.fused_op(chosen, "flash_attention_forward")(query, key, value, is_causal, scale)
-    # The seed where PyTorch's kernel keeps its Philox (seed, offset); dtypes and shapes as its meta function.
-    rng_state = torch.tensor([seed, 0], dtype=torch.uint64, device=query.device)
+        if dropout_p > 0.0:  # no fused kernel has dropout: the reference, with a seed the backward replays
+            seed = int(torch.randint(2**62, (), dtype=torch.int64))
+        output = _reference_forward(query, key, value, dropout_p, is_causal, scale, seed)
+        logsumexp = torch.logsumexp(_scores(query, key, is_causal, scale), dim=-1).float()  # (B, H, Sq)
+    # The seed where PyTorch's kernel keeps its Philox (seed, offset); dtypes and shapes as its meta
+    # function. Without dropout no host value is copied to the device.
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=query.device)
+    if seed:
+        rng_state = torch.tensor([seed, 0], dtype=torch.uint64, device=query.device)
     unused = torch.zeros((), dtype=torch.uint64, device=query.device)
     debug_attn_mask = query.new_empty(0)
     return (output, logsumexp, None, None, query.shape[2], key.shape[2], rng_state, unused, debug_attn_mask)
@@ -153,11 +156,8 @@ def scaled_dot_product_flash_attention_backward(
     # The reference backward: autograd through the reference forward, recomputed.
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (query, key, value)]
-        if dropout_p > 0.0:
-            seed = int(philox_seed[0].item())
-            output = _reference_with_dropout(*inputs, dropout_p, is_causal, scale, seed)
-        else:
-            output = flash_attention_reference(*inputs, is_causal, scale)
+        seed = int(philox_seed[0].item()) if dropout_p > 0.0 else 0
+        output = _reference_forward(*inputs, dropout_p, is_causal, scale, seed)
         return tuple(torch.autograd.grad(output, inputs, grad_out))
 
 

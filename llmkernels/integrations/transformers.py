@@ -178,7 +178,8 @@ def apply_llmkernels_to_gpt2(
     if model is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
         if not isinstance(base, GPT2PreTrainedModel):
-            raise TypeError(f"model must be a transformers GPT-2 model (e.g. GPT2LMHeadModel), got {type(model).__name__}")
+            raise TypeError(f"model must be a transformers GPT-2 model (e.g. GPT2LMHeadModel), "
+                            f"got {type(model).__name__}")
         _patch_gpt2(base, **flags)
     _CLASS_PATCH.update(flags)
     GPT2PreTrainedModel.post_init = _post_init_and_patch
