@@ -46,7 +46,7 @@ def calls(monkeypatch):
 
     spy("flash_attention", lambda q, k, v: {"heads": q.shape[1], "kv_heads": k.shape[1],
                                              "query_len": q.shape[2], "key_len": k.shape[2]})
-    for name in ("layer_norm", "bias_gelu", "linear_cross_entropy"):
+    for name in ("layer_norm", "gelu", "bias_gelu", "linear_cross_entropy"):
         spy(name, lambda *args: None)
     return recorded
 
@@ -172,6 +172,7 @@ def test_peft_lora_on_a_patched_model(calls, generator):
     hf.apply_llmkernels_to_gpt2(patched)  # through the peft wrapper
     _assert_like_unpatched(patched, stock, _tokens(generator))
     assert "linear_cross_entropy" in calls and "layer_norm" in calls
+    assert "gelu" in calls and "bias_gelu" not in calls  # c_fc is an adapter now: its forward, then the GELU
 
 
 def test_gpt2_models_built_later_are_patched(tmp_path):
