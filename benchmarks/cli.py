@@ -210,6 +210,10 @@ def main(argv=None) -> int:
         from .serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["hf"]:  # a Hugging Face GPT-2: stock vs llmkernels vs torch.compile (benchmarks/hf.py)
+        from .hf import main as hf_main
+
+        return hf_main(argv[1:])
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)

@@ -1,0 +1,36 @@
+"""python -m benchmarks hf (benchmarks/hf.py): one small CPU run writes its three outputs."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from benchmarks import cli  # noqa: E402
+
+
+def test_hf_benchmark_times_each_variant_and_writes_its_outputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "reference")  # as on a CPU without the Triton interpreter
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["hf", "--device", "cpu", "--quick", "--variant", "stock", "--variant", "llmkernels",
+                         "--batch", "2", "--seq", "16", "--prompt-tokens", "4", "--new-tokens", "3",
+                         "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)  # the run pins one thread, as every CPU benchmark
+    assert code == 0
+    run = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in run["results"]] == ["stock", "llmkernels"]
+    for result in run["results"]:
+        assert result["train_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
+        assert len(result["train_samples_ms"]) == 3  # --quick: three timed samples after one warm-up
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| llmkernels |" in markdown and "CPU figures" in markdown
+    assert (tmp_path / "hf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hf_benchmark_refuses_a_context_it_cannot_fit(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["hf", "--device", "cpu", "--seq", "1000"])
+    assert exit_info.value.code == 2
+    assert "must fit the tiny context of 256 positions" in capsys.readouterr().err
