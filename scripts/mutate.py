@@ -157,7 +157,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], env: dict[str, str]) -> Run:
     """pytest on the copy with `tests`; the junit report says which tests failed."""
     report = copy / ".mutate-report.xml"
     report.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                f"--junitxml={report}", *tests]  # fmt: skip
     start = time.monotonic()
     try:
@@ -168,7 +168,8 @@ def run_tests(copy: Path, tests: tuple[str, ...], env: dict[str, str]) -> Run:
     run = Run(returncode, seconds=time.monotonic() - start, output=output)
     if report.is_file():
         for case in ElementTree.parse(report).iter("testcase"):
-            test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+            module = case.get("classname", "").replace(".", "/")  # tests.test_x -> tests/test_x
+            test_id = f"{module}.py::{case.get('name', '')}"
             if case.find("failure") is not None or case.find("error") is not None:
                 run.failed.append(test_id)
             elif case.find("skipped") is not None:
@@ -218,7 +219,8 @@ def mutate_and_run(copy: Path, mutation: Mutation, env: dict[str, str]) -> Resul
         return Result(mutation, "survived", run, f"{run.passed} passed, {run.skipped} skipped under the mutation")
     if run.returncode in (1, 2, -1):  # tests failed, errors (e.g. an import broken by it), or timed out
         killers = run.failed or [{2: "collection error", -1: "timeout"}.get(run.returncode, "failed")]
-        return Result(mutation, "killed", run, ", ".join(killers))
+        more = f" (+{len(killers) - 3} more)" if len(killers) > 3 else ""
+        return Result(mutation, "killed", run, ", ".join(killers[:3]) + more)
     return Result(mutation, "error", run, f"pytest exit code {run.returncode} under the mutation")
 
 

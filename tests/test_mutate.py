@@ -62,7 +62,7 @@ def test_killed_and_surviving_mutations_are_reported(fake_repo):
                                             entry("untested-changed", "a * 2", "a * 3")])  # fmt: skip
     assert returncode == 1, output
     killed, survived = table_row(output, "add-subtracts"), table_row(output, "untested-changed")
-    assert "killed" in killed and "test_calc::test_add" in killed
+    assert "killed" in killed and "tests/test_calc.py::test_add" in killed
     assert "survived" in survived
     assert "untested-changed (tests/mutations/fake.json) SURVIVED" in output
     assert "1/2 mutations killed" in output
