@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_relative_to_max, assert_close_to_reference
 
 from llm.config import PRESETS, GPTConfig
 from llm.model import GPT
@@ -121,8 +122,6 @@ def test_fused_loss_and_gradients_within_the_numerics_rule(backend_of_each_call)
     """The fused model's loss and every gradient against the unfused model in float64, no
     worse than 2x (loss) and 3x (gradients) the unfused model's own float32 error, with
     floors relative to the largest float64 gradient. Every op runs Triton."""
-    from numerics import GRAD_FACTOR, OUTPUT_FACTOR, assert_close_to_reference
-
     torch.manual_seed(1)
     reference = GPT(fused_config())
     fused = GPT(fused_config(use_fused=True))
@@ -190,7 +189,9 @@ def test_compiled_fused_training_step_has_no_graph_break(device):
     compiled = torch.compile(loss_of, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     loss = compiled(model, idx)
     loss.backward()
-    tolerance = dict(atol=2e-2, rtol=2e-2) if device == "cuda" else dict(atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(loss, eager_loss, **tolerance)
-    for p, expected in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad, expected, **tolerance)
+    # Relative to each tensor's largest value: inductor reorders bf16 arithmetic on the GPU
+    # (a few bf16 ulps); on CPU aot_eager runs the same float32 ops.
+    rel = 2e-2 if device == "cuda" else 1e-5
+    assert_close_relative_to_max(loss, eager_loss, rel=rel, name="loss")
+    for (name, p), expected in zip(model.named_parameters(), eager_grads):
+        assert_close_relative_to_max(p.grad, expected, rel=rel, name=name)
