@@ -67,18 +67,18 @@ FUSED_OPS = ("layer_norm", "add_layer_norm", "flash_attention", "bias_gelu", "ge
 
 @pytest.fixture
 def backend_of_each_call(monkeypatch):
-    """Records, for every llmkernels op the model calls, the backend "auto" picks for that
-    call's arguments: the first one llmkernels.explain finds no reason against."""
+    """Records, for every llmkernels op the model calls, the backend that ran it: the one the
+    call names, or for "auto" the first one llmkernels.explain finds no reason against."""
     llmkernels = pytest.importorskip("llmkernels")
     chosen = []
 
     def recording(op):
         function = getattr(llmkernels, op)
 
-        def call(*args, **kwargs):
-            reasons = llmkernels.explain(op, *args, **{k: v for k, v in kwargs.items() if k != "backend"})
-            chosen.append((op, next(name for name, reason in reasons.items() if reason is None)))
-            return function(*args, **kwargs)
+        def call(*args, backend="auto", **kwargs):
+            reasons = llmkernels.explain(op, *args, **kwargs)
+            chosen.append((op, backend if backend != "auto" else next(name for name, why in reasons.items() if why is None)))
+            return function(*args, backend=backend, **kwargs)
 
         return call
 
