@@ -44,6 +44,7 @@ from pathlib import Path
 ENTRY_KEYS = ("name", "file", "find", "replace", "tests", "why")
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SLOW_SECONDS = 20.0  # an entry's tests should take at most this long (warned, not failed)
+COMPILED_SUFFIXES = {".cu", ".cuh", ".cpp", ".cc", ".h"}  # the prebuilt extension's sources
 TIMEOUT_SECONDS = 300.0  # a run past this is stopped: unmutated it is an error, mutated a kill
 
 
@@ -127,6 +128,9 @@ def check_entry(repo: Path, entry, where: str) -> Mutation:
     target = repo / entry["file"]
     if Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts or not target.is_file():
         raise MutationError(f"{where}: 'file' {entry['file']!r} is not a file relative to the repository root")
+    if target.suffix in COMPILED_SUFFIXES:
+        raise MutationError(f"{where}: {entry['file']} is compiled into the extension, which the scratch copy does "
+                            f"not rebuild; mutate Python or Triton code")
     count = target.read_text().count(entry["find"])
     if count != 1:
         raise MutationError(f"{where}: 'find' occurs {count} times in {entry['file']}; it must occur exactly once")

@@ -40,6 +40,7 @@ def fake_repo(tmp_path):
     repo = tmp_path / "repo"
     (repo / "tests" / "mutations").mkdir(parents=True)
     (repo / "calc.py").write_text(CALC)
+    (repo / "kernel.cu").write_text("// a + b\n")
     (repo / "tests" / "test_calc.py").write_text(TEST_CALC)
     (repo / "pytest.ini").write_text("[pytest]\npythonpath = .\n")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -83,6 +84,7 @@ def test_all_killed_passes(fake_repo):
     (entry("elsewhere", "a + b", "a - b", file="../calc.py"), "is not a file relative to the repository root"),
     ({**entry("extra", "a + b", "a - b"), "comment": "x"}, "unknown keys ['comment']"),
     ({"name": "short", "file": "calc.py"}, "missing keys ['find', 'replace', 'tests', 'why']"),
+    (entry("kernel", "a + b", "a - b", file="kernel.cu"), "kernel.cu is compiled into the extension"),
 ])  # fmt: skip
 def test_malformed_entries_are_refused(fake_repo, bad, message):
     returncode, output = mutate(fake_repo, [entry("add-subtracts", "a + b", "a - b"), bad])
