@@ -2,6 +2,8 @@
 #   make train   create .venv, install (building the CUDA extension when it can), train
 #                the small GPT on the built-in Shakespeare corpus
 #   make test    the same install, then the test suite
+#   make mutate  the curated mutation check: each tests/mutations/*.json entry must fail its tests
+#                (scripts/mutate.py; MUTATE_ARGS="--only NAME" checks one)
 # Options: TORCH_SPEC=torch==2.13.0 (CPU wheel), LLMKERNELS_BUILD_CUDA=0|1, MAX_JOBS=N,
 #          TORCH_CUDA_ARCH_LIST="9.0a", TRAIN_ARGS="--max-steps 100", PYTEST_ARGS="-x"
 VENV ?= .venv
@@ -11,7 +13,7 @@ PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
 
-.PHONY: install train test bench clean
+.PHONY: install train test mutate bench clean
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ train: install
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+mutate: install
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 bench: install
 	$(PY) -m benchmarks --quick

@@ -66,9 +66,9 @@ def pytest_addoption(parser):
 
 # Test-only packages the CPU lane needs (the dev extra installs them). The GPU machine lacks
 # some (no fastapi/uvicorn, no hypothesis), so the modules that use them skip there with
-# pytest.importorskip; CI sets LLMKERNELS_REQUIRE_TEST_DEPS=1, so there a missing one fails
-# the run instead of skipping those modules.
-OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers")
+# pytest.importorskip (without triton, every Triton module skips); CI sets
+# LLMKERNELS_REQUIRE_TEST_DEPS=1, so there a missing one fails the run instead of skipping.
+OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers", "triton")
 
 
 def pytest_configure(config):

@@ -43,3 +43,12 @@ def assert_close_to_reference(
         f"{name}: max error {error:.3e} vs float64 exceeds {factor}x PyTorch's own error "
         f"{torch_error:.3e} + floor {floor:.1e} (bound {bound:.3e})"
     )
+
+
+def assert_close_relative_to_max(actual: torch.Tensor, expected: torch.Tensor, *, rel: float, name: str) -> None:
+    """max|actual - expected| <= rel * max|expected|: a tolerance scaled to the values'
+    magnitude (an absolute one fixed for one size passes anything for much smaller values)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = max_abs_error(actual, expected)
+    bound = rel * expected.double().abs().max().item()
+    assert error <= bound, f"{name}: max difference {error:.3e} exceeds {rel:.1e} x max|expected| = {bound:.3e}"

@@ -1,11 +1,14 @@
 """llm.checkpoint: a checksum over the payload, so damaged or truncated files are refused
 with one line naming the file; files from before the checksum still load."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from llm.checkpoint import load_checkpoint, package_version, payload_digest, save_checkpoint
 from llm.config import GPTConfig
+from llm.files import write_text
 from llm.model import GPT
 
 
@@ -101,3 +104,64 @@ def test_flipped_weight_bytes_that_torch_load_accepts_fail_the_checksum(checkpoi
     assert not torch.equal(torch.load(path, weights_only=True)["payload"]["marker"], marker)  # torch takes it
     with pytest.raises(ValueError, match=f"checkpoint {path} is damaged"):
         load_checkpoint(path)
+
+
+def test_interrupted_write_leaves_the_old_checkpoint_byte_identical(checkpoint, tmp_path, monkeypatch):
+    """A save that dies half-way (disk full, a kill) leaves the previous file exactly as it was,
+    and no temporary file behind."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, checkpoint)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def save_half_then_fail(obj, destination):
+        real_save(obj, destination)
+        data = Path(destination).read_bytes()
+        Path(destination).write_bytes(data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, dict(checkpoint, step=8))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    assert load_checkpoint(path)["step"] == 7
+
+
+def test_interrupted_text_write_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    write_text(path, "old")
+    real_write_text = Path.write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_text(path, "new contents")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+class RunsCodeWhenUnpickled:
+    """An object whose unpickling calls a function: Path(marker).touch() here, anything in an attack."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare-dict", "with-checksum"])
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused_without_running_it(checkpoint, tmp_path, wrapped):
+    marker = tmp_path / "code-ran"
+    payload = dict(checkpoint, extra=RunsCodeWhenUnpickled(marker))
+    if wrapped:  # as save_checkpoint writes it, the digest taken over the harmless payload
+        payload = {"payload": payload, "sha256": payload_digest(checkpoint), "llmkernels_version": "0"}
+    path = tmp_path / "ckpt.pt"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="corrupt or not a checkpoint") as error:
+        load_checkpoint(path)
+    assert str(path) in str(error.value)
+    assert not marker.exists()

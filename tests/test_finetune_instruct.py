@@ -1,12 +1,16 @@
 """Instruction fine-tuning: the template, <|endoftext|> after the response, padding to the
 batch's longest row, truncation to the context, and a loss that sees response tokens only."""
 
+import contextlib
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from finetune_helpers import one_thread, tiny_gpt  # noqa: F401
 
 from llm.finetune.datasets import Instruction
-from llm.finetune.instruct import IGNORE, InstructionSet, collate_instructions, encode_record
+from llm.finetune.instruct import IGNORE, InstructionSet, collate_instructions, encode_record, response_loss
 from llm.prompt_template import format_prompt
 from llm.tokenizer import gpt2_tokenizer
 
@@ -71,3 +75,30 @@ def test_masked_positions_contribute_exactly_zero(generator):
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(reference, gradients(other_padding, y)))
     with_prompt = collate_instructions([(ids[0], 5), (ids[1][:9], 7)], 32, PAD, train_on_prompt=True)[1]
     assert not all(torch.allclose(a, b) for a, b in zip(reference, gradients(x, with_prompt)))
+
+
+def test_response_loss_weights_every_trained_token_equally():
+    """Batches with unequal numbers of response tokens: the loss is the mean over all trained
+    tokens (each record's summed negative log-likelihood, computed here one record at a time,
+    over the total count), not the mean of the batch means."""
+    tokenizer = gpt2_tokenizer()
+    records = [Instruction("Say yes.", "", "yes"),
+               Instruction("Recite.", "", "Now is the winter of our discontent made glorious summer"),
+               Instruction("Name the play.", "To be", "Hamlet, Prince of Denmark, by Shakespeare"),
+               Instruction("Say no.", "", "no")]  # fmt: skip
+    data = InstructionSet(records, tokenizer, context=96, train_on_prompt=False)
+    model = tiny_gpt()
+    total, count = 0.0, 0
+    for ids, prompt_length in data.rows:
+        x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+        logits = model(x)[0][0].double()
+        trained = slice(prompt_length - 1, None)  # targets from the first response token on
+        total += F.cross_entropy(logits[trained], y[0, trained], reduction="sum").item()
+        count += len(ids) - prompt_length
+    batch_counts = [sum(len(ids) - n for ids, n in data.rows[i : i + 3]) for i in (0, 3)]
+    assert batch_counts[0] != batch_counts[1]  # so the mean of the batch means would weigh tokens unequally
+
+    result = response_loss(model, data, batch_size=3, device="cpu", autocast=contextlib.nullcontext())
+    assert result["examples"] == 4
+    assert result["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)

@@ -100,16 +100,6 @@ def test_gelu_extreme_inputs_are_finite(dtype, generator):
     assert torch.isfinite(grad_x).all() and torch.isfinite(grad_bias).all()
 
 
-def test_bias_gelu_backward_is_deterministic(generator):
-    x = randn((300, 77), torch.float32, generator)
-    bias = randn((77,), torch.float32, generator)
-    grad_out = randn((300, 77), torch.float32, generator)
-    first = ops.triton_bias_gelu_backward(grad_out, x, bias)
-    second = ops.triton_bias_gelu_backward(grad_out, x, bias)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
 def test_public_api_with_triton_backend(generator):
     """llmkernels.gelu / bias_gelu with backend="triton": forward and autograd through the ops."""
     x = randn((7, 33), torch.float32, generator).requires_grad_()
@@ -157,17 +147,6 @@ def test_bias_gelu_gpu(shape, dtype, generator):
 
 
 @requires_cuda
-def test_bias_gelu_backward_is_deterministic_gpu(generator):
-    x = randn((16384, 3072), torch.bfloat16, generator, "cuda")
-    bias = randn((3072,), torch.bfloat16, generator, "cuda")
-    grad_out = randn((16384, 3072), torch.bfloat16, generator, "cuda")
-    first = ops.triton_bias_gelu_backward(grad_out, x, bias)
-    second = ops.triton_bias_gelu_backward(grad_out, x, bias)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-@requires_cuda
 def test_ops_compile_fullgraph(generator):
     x = randn((64, 768), torch.bfloat16, generator, "cuda").requires_grad_()
     bias = randn((768,), torch.bfloat16, generator, "cuda").requires_grad_()
@@ -177,8 +156,11 @@ def test_ops_compile_fullgraph(generator):
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x, bias), f(x, bias))
-    compiled(x, bias).sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(bias.grad).all()
+    # The backward through the compiled graph gives eager's gradients (the same kernels run).
+    grads = torch.autograd.grad(compiled(x, bias).float().sum(), (x, bias))
+    expected = torch.autograd.grad(f(x, bias).float().sum(), (x, bias))
+    for name, grad, want in zip(("grad_x", "grad_bias"), grads, expected):
+        torch.testing.assert_close(grad, want, msg=name)
 
 
 # --------------------------------------------------------------------- sanitizer subset

@@ -115,18 +115,6 @@ def test_layer_norm_extreme_inputs(dtype, generator):
     _check_layer_norm(x, weight, bias, generator, sum_floor=1e-3)
 
 
-@pytest.mark.parametrize("hidden", [1000, MAX_ROW_BLOCK + 1000])
-def test_layer_norm_backward_is_deterministic(hidden, generator):
-    rows = 37 if hidden <= MAX_ROW_BLOCK else 5  # the interpreter is slow on long rows
-    x = randn((rows, hidden), torch.float32, generator)
-    weight, grad_out = randn((hidden,), torch.float32, generator), randn((rows, hidden), torch.float32, generator)
-    _, mean, rstd = ops.triton_layer_norm_forward(x, weight, None, EPS)
-    first = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
-    second = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
 def test_public_api_with_triton_backend(generator):
     """llmkernels.layer_norm with backend="triton": forward and autograd through the ops."""
     x = randn((4, 3, 65), torch.float32, generator).requires_grad_()
@@ -172,19 +160,6 @@ def test_layer_norm_gpu(rows, hidden, dtype, generator):
 
 
 @requires_cuda
-@pytest.mark.parametrize("hidden", [768, 65536])
-def test_layer_norm_backward_is_deterministic_gpu(hidden, generator):
-    x = randn((4096, hidden), torch.bfloat16, generator, "cuda")
-    weight = randn((hidden,), torch.float32, generator, "cuda")
-    grad_out = randn((4096, hidden), torch.bfloat16, generator, "cuda")
-    _, mean, rstd = ops.triton_layer_norm_forward(x, weight, None, EPS)
-    first = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
-    second = ops.triton_layer_norm_backward(grad_out, x, weight, mean, rstd)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-@requires_cuda
 def test_layer_norm_compile_fullgraph(generator):
     x = randn((64, 768), torch.bfloat16, generator, "cuda").requires_grad_()
     weight = randn((768,), torch.float32, generator, "cuda").requires_grad_()
@@ -194,8 +169,11 @@ def test_layer_norm_compile_fullgraph(generator):
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x, weight), f(x, weight))
-    compiled(x, weight).float().sum().backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+    # The backward through the compiled graph gives eager's gradients (the same kernels run).
+    grads = torch.autograd.grad(compiled(x, weight).float().sum(), (x, weight))
+    expected = torch.autograd.grad(f(x, weight).float().sum(), (x, weight))
+    for name, grad, want in zip(("grad_x", "grad_weight"), grads, expected):
+        torch.testing.assert_close(grad, want, msg=name)
 
 
 # --------------------------------------------------------------------- sanitizer subset
