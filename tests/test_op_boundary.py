@@ -247,7 +247,7 @@ def test_bad_inputs_name_the_argument(generator):
         (lambda: llmkernels.flash_attention(q, q, q, causal="yes"), TypeError, "causal must be a bool"),
         (lambda: llmkernels.flash_attention(q, q, q, scale=float("nan")), ValueError, "scale must be a finite number"),
         (lambda: llmkernels.flash_attention(q, q[..., :8], q), ValueError, "k must have shape"),  # k alone is off
-        (lambda: llmkernels.explain("flash_attn", q, q, q), ValueError, "unknown op 'flash_attn'; expected one of (\w+, )*flash_attention, "),
+        (lambda: llmkernels.explain("flash_attn", q, q, q), ValueError, r"unknown op 'flash_attn'; expected one of (\w+, )*flash_attention, "),
         (lambda: llmkernels.layer_norm(x.int()), TypeError, "x must be a floating-point tensor"),
         (lambda: llmkernels.layer_norm([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
         (lambda: llmkernels.gelu(x, approximate="sigmoid"), ValueError, "approximate must be"),
