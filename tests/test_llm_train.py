@@ -2,6 +2,7 @@
 checkpoint errors, generation with and without the KV cache."""
 
 import os
+import shutil
 import signal
 import socket
 
@@ -240,3 +241,34 @@ def test_ddp_matches_gradient_accumulation(corpus, tmp_path):
     for key, tensor in expected["model"].items():
         torch.testing.assert_close(actual["model"][key], tensor, atol=1e-4, rtol=1e-4, msg=key)
     assert len(actual["rng"]) == 2  # both ranks' RNG states, written by rank 0 only
+
+
+def test_checkpoints_are_saved_every_save_interval_and_resume_exactly(corpus, tmp_path, monkeypatch, uninterrupted):
+    """A run killed outright (no signal handler runs) keeps the last interval's checkpoint, and
+    resuming from it gives the uninterrupted run's losses and weights."""
+    import llm.train
+
+    expected_history, expected = uninterrupted
+    saves, write = [], llm.train.save_checkpoint
+
+    def save_checkpoint(path, checkpoint):
+        write(path, checkpoint)
+        saves.append(checkpoint["step"])
+        if checkpoint["step"] == 2:  # what a run killed at step 3 would leave behind
+            shutil.copy(path, tmp_path / "step-2.pt")
+
+    monkeypatch.setattr(llm.train, "save_checkpoint", save_checkpoint)
+    cache = str(tmp_path.parent / "shared-cache")
+    train(tiny_run(corpus, tmp_path / "often", max_steps=6, eval_interval=4, save_interval=1e-9, data_dir=cache))
+    assert saves == [1, 2, 3, 4, 5, 6]  # every step (the interval is tiny), once each
+    saves.clear()
+    train(tiny_run(corpus, tmp_path / "default", max_steps=6, eval_interval=4, data_dir=cache))
+    assert saves == [4, 6]  # 300 s between interval saves: only the evaluations' within 6 quick steps
+
+    (tmp_path / "killed/out").mkdir(parents=True)
+    shutil.copy(tmp_path / "step-2.pt", tmp_path / "killed/out/ckpt.pt")
+    history = train(tiny_run(corpus, tmp_path / "killed", max_steps=6, eval_interval=4, data_dir=cache, resume=True))
+    assert history["train_loss"] == expected_history["train_loss"]  # bit-identical
+    resumed = load_checkpoint(tmp_path / "killed/out/ckpt.pt")
+    for key, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
