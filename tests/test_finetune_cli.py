@@ -228,3 +228,14 @@ def test_a_classifiers_loss_curve_is_per_example_not_per_token(files, tmp_path, 
     run(files, tmp_path / "out", "--task", "classify", "--data", str(files / "sms.tsv"), "--max-steps", "1",
         "--answer-count", "0")  # fmt: skip
     assert units == ["nats/example"]
+
+
+def test_a_fine_tune_saves_every_save_interval_besides_evaluations(files, tmp_path, monkeypatch):
+    import llm.finetune.loop as loop
+
+    steps, write = [], loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda path, checkpoint: (write(path, checkpoint),
+                                                                           steps.append(checkpoint["step"])))  # fmt: skip
+    run(files, tmp_path / "out", "--task", "lm", "--data", str(files / "notes.txt"), "--data-dir", str(tmp_path / "c"),
+        "--max-steps", "3", "--eval-interval", "100", "--save-interval", "1e-9")  # fmt: skip
+    assert steps == [1, 2, 3]

@@ -243,28 +243,40 @@ def test_ddp_matches_gradient_accumulation(corpus, tmp_path):
     assert len(actual["rng"]) == 2  # both ranks' RNG states, written by rank 0 only
 
 
-def test_checkpoints_are_saved_every_save_interval_and_resume_exactly(corpus, tmp_path, monkeypatch, uninterrupted):
-    """A run killed outright (no signal handler runs) keeps the last interval's checkpoint, and
-    resuming from it gives the uninterrupted run's losses and weights."""
+def recorded_saves(monkeypatch, copy_step: int | None = None, copy_to=None) -> list[int]:
+    """The steps llm.train saves checkpoints at, as they happen; the checkpoint of copy_step is
+    copied to copy_to (what a run killed just after it would leave behind)."""
     import llm.train
 
-    expected_history, expected = uninterrupted
     saves, write = [], llm.train.save_checkpoint
 
     def save_checkpoint(path, checkpoint):
         write(path, checkpoint)
         saves.append(checkpoint["step"])
-        if checkpoint["step"] == 2:  # what a run killed at step 3 would leave behind
-            shutil.copy(path, tmp_path / "step-2.pt")
+        if checkpoint["step"] == copy_step:
+            shutil.copy(path, copy_to)
 
     monkeypatch.setattr(llm.train, "save_checkpoint", save_checkpoint)
+    return saves
+
+
+def test_checkpoints_are_saved_every_save_interval_besides_evaluations(corpus, tmp_path, monkeypatch):
+    saves = recorded_saves(monkeypatch)
+    cache = str(tmp_path.parent / "shared-cache")
+    train(tiny_run(corpus, tmp_path / "often", max_steps=3, eval_interval=100, save_interval=1e-9, data_dir=cache))
+    assert saves == [1, 2, 3]  # every step (the interval is tiny), once each
+    saves.clear()
+    train(tiny_run(corpus, tmp_path / "default", max_steps=3, eval_interval=100, data_dir=cache))
+    assert saves == [3]  # 300 s between interval saves: only the last evaluation's within 3 quick steps
+
+
+def test_a_checkpoint_saved_by_the_clock_resumes_exactly(corpus, tmp_path, monkeypatch, uninterrupted):
+    """A run killed outright (no signal handler runs) keeps the last interval's checkpoint, and
+    resuming from it gives the uninterrupted run's losses and weights."""
+    expected_history, expected = uninterrupted
+    recorded_saves(monkeypatch, copy_step=2, copy_to=tmp_path / "step-2.pt")
     cache = str(tmp_path.parent / "shared-cache")
     train(tiny_run(corpus, tmp_path / "often", max_steps=6, eval_interval=4, save_interval=1e-9, data_dir=cache))
-    assert saves == [1, 2, 3, 4, 5, 6]  # every step (the interval is tiny), once each
-    saves.clear()
-    train(tiny_run(corpus, tmp_path / "default", max_steps=6, eval_interval=4, data_dir=cache))
-    assert saves == [4, 6]  # 300 s between interval saves: only the evaluations' within 6 quick steps
-
     (tmp_path / "killed/out").mkdir(parents=True)
     shutil.copy(tmp_path / "step-2.pt", tmp_path / "killed/out/ckpt.pt")
     history = train(tiny_run(corpus, tmp_path / "killed", max_steps=6, eval_interval=4, data_dir=cache, resume=True))

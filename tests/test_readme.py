@@ -224,6 +224,7 @@ def run_blocks(text: str, scratch: Path) -> list[tuple[Block, float]]:
                 continue
             env = block_environment(block)
             command = block_command(scratch, block, number)
+            print(f"{block.where()}: {block.code.splitlines()[0][:80]}", flush=True)  # shown live with pytest -s
             started = time.monotonic()
             if block.server_port is not None:
                 if server is not None:
