@@ -222,7 +222,7 @@ def test_checkpoint_is_the_option_and_init_from_its_old_spelling(tmp_path):
 def test_help_of_every_command_shows_each_options_range_and_default():
     from test_fuzz_cli import console_scripts, load_command
 
-    from llm.cli import Bounded
+    from llm.cli import Bounded, has_default
 
     for name, target in sorted(console_scripts().items()):
         parser, _ = load_command(target)
@@ -233,7 +233,7 @@ def test_help_of_every_command_shows_each_options_range_and_default():
             shown = " ".join(formatter._format_action(action).split())  # the option's --help lines, unwrapped
             if isinstance(action.type, Bounded):
                 assert action.type.expected in shown, (name, shown)
-            if action.default not in (None, False, []):
+            if has_default(action):
                 assert "default" in shown, (name, shown)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -210,9 +211,10 @@ class Server:
                 self.process.wait()
 
 
-def run_blocks(text: str, scratch: Path) -> list[tuple[Block, float]]:
+def run_blocks(text: str, scratch: Path) -> list[tuple[Block, float, float]]:
     """Run the blocks of a README text in scratch, in order; pytest.fail at the first that
-    fails, naming it with its output. Returns (block, seconds) for each block run."""
+    fails, naming it with its output. Returns (block, wall seconds, CPU seconds of the
+    processes it ran and that ended) for each block run."""
     timings = []
     server: Server | None = None
     try:
@@ -225,7 +227,7 @@ def run_blocks(text: str, scratch: Path) -> list[tuple[Block, float]]:
             env = block_environment(block)
             command = block_command(scratch, block, number)
             print(f"{block.where()}: {block.code.splitlines()[0][:80]}", flush=True)  # shown live with pytest -s
-            started = time.monotonic()
+            started, cpu_started = time.monotonic(), children_cpu_seconds()
             if block.server_port is not None:
                 if server is not None:
                     pytest.fail(f"{block.where()}: starts a server while another runs (add <!-- doc-test: stop-server -->)")
@@ -241,11 +243,16 @@ def run_blocks(text: str, scratch: Path) -> list[tuple[Block, float]]:
                 if result.returncode != 0:
                     pytest.fail(failure(block, f"exited with status {result.returncode}",
                                         result.stdout.decode(errors="replace")))  # fmt: skip
-            timings.append((block, time.monotonic() - started))
+            timings.append((block, time.monotonic() - started, children_cpu_seconds() - cpu_started))
     finally:
         if server is not None:
             server.stop()
     return timings
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- the README itself --------------------------------------------------------------------------
@@ -255,11 +262,11 @@ def test_readme_runs_as_written(tmp_path):
     """Every runnable block of README.md, in order, in a scratch copy of the repository. The
     time of each block is printed (pytest -s); the whole run stays under ~8 minutes on 2 cores."""
     scratch = scratch_copy(tmp_path / "repo")
-    started = time.monotonic()
     timings = run_blocks(README.read_text(), scratch)
-    print(f"\nREADME blocks: {len(timings)} run in {time.monotonic() - started:.0f} s")
-    for block, seconds in timings:
-        print(f"  {seconds:6.1f} s  line {block.line:4d}  {block.code.splitlines()[0][:90]}")
+    print(f"\nREADME blocks: {len(timings)} run in {sum(t[1] for t in timings):.0f} s "
+          f"({sum(t[2] for t in timings):.0f} CPU seconds)")  # fmt: skip
+    for block, wall, cpu in timings:
+        print(f"  {wall:6.1f} s {cpu:6.1f} CPU s  line {block.line:4d}  {block.code.splitlines()[0][:80]}")
 
 
 def test_readme_markers_are_well_formed_and_skips_give_a_reason():

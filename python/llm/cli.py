@@ -55,13 +55,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         notes = [action.help] if action.help else []
         if isinstance(action.type, Bounded) and action.type.expected not in (action.help or ""):
             notes.append(action.type.expected)
-        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
-                and "default" not in (action.help or ""):
+        if action.option_strings and has_default(action) and "default" not in (action.help or ""):
             notes.append(f"default {_shown(action.default)}")
         if len(notes) > (1 if action.help else 0):
             action = copy.copy(action)
             action.help = "; ".join(notes[:1] + [note.replace("%", "%%") for note in notes[1:]])
         return super()._format_action(action)
+
+
+def has_default(action: argparse.Action) -> bool:
+    """Whether an option has a default worth showing: not None, a flag's False or an empty list (0 is one)."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS or default == [])
 
 
 def _shown(value) -> str:
