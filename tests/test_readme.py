@@ -156,7 +156,8 @@ def block_environment(block: Block) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
     env["MPLBACKEND"] = "Agg"
-    env.pop("PYTEST_CURRENT_TEST", None)
+    for name in ("PYTEST_CURRENT_TEST", "TRITON_INTERPRET"):  # set for the test suite (conftest), not by a user
+        env.pop(name, None)
     env.update(block.env)
     return env
 
