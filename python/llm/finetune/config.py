@@ -15,7 +15,7 @@ ALL_BLOCKS = -1
 # weights, so they take larger steps than a full fine-tune; the README's Fine-tune section
 # gives the sweep that chose LORA_LR.
 FULL_LR = 1e-4
-LORA_LR = 1e-3
+LORA_LR = 3e-3
 # --val-fraction and --test-fraction: a held-out split must hold something, the report measures on it.
 HELD_OUT_FRACTION = float_in(0, 1, min_open=True, max_open=True)
 
