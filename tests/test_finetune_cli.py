@@ -234,8 +234,12 @@ def test_a_fine_tune_saves_every_save_interval_besides_evaluations(files, tmp_pa
     import llm.finetune.loop as loop
 
     steps, write = [], loop.save_checkpoint
-    monkeypatch.setattr(loop, "save_checkpoint", lambda path, checkpoint: (write(path, checkpoint),
-                                                                           steps.append(checkpoint["step"])))  # fmt: skip
+
+    def save_checkpoint(path, checkpoint):
+        write(path, checkpoint)
+        steps.append(checkpoint["step"])
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_checkpoint)
     run(files, tmp_path / "out", "--task", "lm", "--data", str(files / "notes.txt"), "--data-dir", str(tmp_path / "c"),
         "--max-steps", "3", "--eval-interval", "100", "--save-interval", "1e-9")  # fmt: skip
     assert steps == [1, 2, 3]

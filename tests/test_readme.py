@@ -231,7 +231,8 @@ def run_blocks(text: str, scratch: Path) -> list[tuple[Block, float, float]]:
             started, cpu_started = time.monotonic(), children_cpu_seconds()
             if block.server_port is not None:
                 if server is not None:
-                    pytest.fail(f"{block.where()}: starts a server while another runs (add <!-- doc-test: stop-server -->)")
+                    pytest.fail(f"{block.where()}: starts a server while another runs "
+                                "(add <!-- doc-test: stop-server -->)")  # fmt: skip
                 server = Server(block, command, scratch, env, scratch / ".doc-test" / f"server-{block.line}.log")
                 server.wait_healthy()
             else:
@@ -344,7 +345,8 @@ def test_a_server_block_serves_the_blocks_after_it_until_stop_server(tmp_path):
     (tmp_path / "server.py").write_text(server)
     text = (
         f"<!-- doc-test: server {port} -->\n```bash\npython server.py\n```\n"
-        f"```bash\npython -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/x').read())\" > got.txt\n```\n"
+        f"```bash\npython -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/x').read())\""
+        " > got.txt\n```\n"
         "<!-- doc-test: stop-server -->\n"
         f"```bash\n! python -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/x', timeout=5)\"\n```\n"
     )

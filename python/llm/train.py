@@ -522,12 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt where it stopped")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
-    parser.add_argument("--checkpoint", "--init-from", dest="init_from", metavar="MODEL", type=existing_path, default=None,
-                        help="start a new run from this model: an llm checkpoint or a Hugging Face GPT-2 folder")
+    parser.add_argument("--checkpoint", "--init-from", dest="init_from", metavar="MODEL", type=existing_path,
+                        default=None, help="start a new run from this model: an llm checkpoint or a Hugging Face "
+                                           "GPT-2 folder")  # fmt: skip
     for name, kind in NUMERIC_SETTINGS.items():
         default = getattr(defaults, name)
         parser.add_argument(option(name), type=kind, default=default, metavar="N" if kind.kind is int else "X",
-                            help=f"{SETTING_HELP.get(name, '')}{kind.expected}; default {UNSET_MEANS.get(name, default)}")
+                            help=f"{SETTING_HELP.get(name, '')}{kind.expected}; "
+                                 f"default {UNSET_MEANS.get(name, default)}")  # fmt: skip
     parser.add_argument("--sample-prompt", default=defaults.sample_prompt, help="text the samples continue")
     add_progress_options(parser)
     return parser

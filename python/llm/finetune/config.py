@@ -76,7 +76,7 @@ class FinetuneConfig:
         if self.resume and self.overwrite:
             raise ValueError("pass --resume (continue the checkpoint) or --overwrite (replace it), not both")
         if self.init_from is None and not self.resume:
-            raise ValueError("--init-from is required: the checkpoint or GPT-2 folder to fine-tune")
+            raise ValueError("--checkpoint is required: the checkpoint or GPT-2 folder to fine-tune")
         SEED.check("--seed", self.seed)
         for name in ("val_fraction", "test_fraction"):
             HELD_OUT_FRACTION.check("--" + name.replace("_", "-"), getattr(self, name))

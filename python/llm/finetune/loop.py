@@ -58,7 +58,7 @@ def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
     Raises TrainingInterrupted (after saving a checkpoint) on SIGINT / SIGTERM."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("llm-finetune runs in one process, not under torchrun; for plain text on many GPUs "
-                         "use torchrun -m llm.train --init-from CHECKPOINT")
+                         "use torchrun -m llm.train --checkpoint CHECKPOINT")
     device = resolve_device(cfg.device)
     log = tqdm.write  # evaluation lines always print; the bar only on a terminal or if asked
     out_dir = Path(cfg.out_dir)
