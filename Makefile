@@ -21,11 +21,13 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	$(PY) -c "import llmkernels; print('llmkernels backends:', llmkernels.available_backends())"
 	touch $@
+	@echo "Installed. To put llm-train, llm-finetune, llm-generate, ... on PATH in this shell: source $(VENV)/bin/activate"
 
 install: $(VENV)/.installed
 
 train: install
 	$(PY) -m llm.train $(TRAIN_ARGS)
+	@echo "Next: source $(VENV)/bin/activate (puts llm-generate, llm-finetune, ... on PATH), then see README.md"
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._functorch.config  # not imported by `import torch`; main() sets donated_buffer in it
 
 from . import e2e, kernels, linear_cross_entropy, report
 from .measure import REPO_ROOT, device_slug, environment, keep_best_ceilings, make_timer, measure_ceilings, warm_up_clocks

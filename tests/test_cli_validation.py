@@ -2,6 +2,7 @@
 one line on stderr that names the option and what it accepts, with exit status 2; --help
 shows the command people type."""
 
+import argparse
 import subprocess
 import sys
 
@@ -175,3 +176,72 @@ def test_llm_generate_refuses_and_reads_an_export(tmp_path, capsys):
     generate_main(["--gpt2-weights", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "3",
                    "--device", "cpu"])  # fmt: skip
     assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_llm_generate_checks_the_prompt_length_before_printing_anything(tmp_path, capsys):
+    model, tokenizer = tiny_model_and_tokenizer()  # a context of 16 tokens
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                           "tokenizer": tokenizer_to_dict(tokenizer), "step": 1})  # fmt: skip
+    line = refused(generate_main, ["--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Hello there " * 20,
+                                   "--device", "cpu"], capsys)  # fmt: skip  (refused: nothing on stdout)
+    assert line.startswith("llm-generate: error: --prompt is ") and "the model's context holds 16" in line
+
+
+def test_seeds_are_range_checked_and_the_whole_range_works(tmp_path, capsys):
+    model, tokenizer = tiny_model_and_tokenizer()
+    checkpoint = str(tmp_path / "ckpt.pt")
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "model_config": model.config.to_dict(),
+                                 "tokenizer": tokenizer_to_dict(tokenizer), "step": 1})  # fmt: skip
+    expected = "--seed: expected an integer in [0, 9223372036854775807]"
+    for main, argv in [(generate_main, ["--checkpoint", checkpoint, "--seed", "99999999999999999999"]),
+                       (generate_main, ["--checkpoint", checkpoint, "--seed", "-1"]),
+                       (train_main, ["--seed", "-1"]), (train_main, ["--seed", str(2**63)])]:  # fmt: skip
+        assert expected in refused(main, argv, capsys)
+    # The largest seed, plus the sample index, is still one torch.manual_seed takes.
+    generate_main(["--checkpoint", checkpoint, "--seed", str(2**63 - 1), "--num-samples", "2", "--max-new-tokens", "2",
+                   "--device", "cpu"])  # fmt: skip
+    assert capsys.readouterr().out.count("-" * 40) == 1
+
+
+def test_training_text_that_is_not_utf8_is_refused_naming_file_and_byte(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me, ".encode("latin-1") * 50)
+    line = refused(train_main, ["--data", str(tmp_path / "latin1.txt"), "--data-dir", str(tmp_path / "cache"),
+                                "--out-dir", str(tmp_path / "out"), "--device", "cpu"], capsys)  # fmt: skip
+    assert line == (f"llm-train: error: {tmp_path / 'latin1.txt'}: not UTF-8 text: byte 3 (0xe9) invalid continuation "
+                    f"byte; convert it first, e.g. iconv -f latin1 -t utf-8 latin1.txt > latin1.utf8.txt")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_is_the_option_and_init_from_its_old_spelling(tmp_path):
+    for spelling in ("--checkpoint", "--init-from"):
+        assert parse_args([spelling, str(tmp_path)]).init_from == str(tmp_path)
+    argv = ["--checkpoint", "gpt2", "--max-steps", "9", "--checkpoint=x", "--init-from", "y"]
+    assert resume_command(argv) == "llm-train --max-steps 9 --resume"
+
+
+def test_help_of_every_command_shows_each_options_range_and_default():
+    from test_fuzz_cli import console_scripts, load_command
+
+    from llm.cli import Bounded, has_default
+
+    for name, target in sorted(console_scripts().items()):
+        parser, _ = load_command(target)
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.default is argparse.SUPPRESS:
+                continue
+            shown = " ".join(formatter._format_action(action).split())  # the option's --help lines, unwrapped
+            if isinstance(action.type, Bounded):
+                assert action.type.expected in shown, (name, shown)
+            if has_default(action):
+                assert "default" in shown, (name, shown)
+
+
+def test_llm_extra_args_are_added_to_a_console_scripts_options_and_announced(monkeypatch, capsys):
+    monkeypatch.setenv("LLM_EXTRA_ARGS", "--max-steps 0")
+    monkeypatch.setattr(sys, "argv", ["llm-train", "--max-steps", "5"])
+    with pytest.raises(SystemExit) as exited:
+        train_main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "llm-train: adding LLM_EXTRA_ARGS: --max-steps 0" in err
+    assert "argument --max-steps: expected an integer >= 1, got '0'" in err  # the extra option came last and won

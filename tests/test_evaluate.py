@@ -125,3 +125,10 @@ def test_generate_validates_options(finetuned, capsys, option, message):
         generate_main(["--checkpoint", str(finetuned / "base.pt"), "--device", "cpu", *option])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"llm-generate: error: {message}")
+
+
+def test_eval_with_adapters_reports_in_the_adapters_folder_not_the_base_models(finetuned, capsys):
+    eval_main(["--checkpoint", str(finetuned / "base.pt"), "--adapters", str(finetuned / "classify/adapters"),
+               "--device", "cpu"])  # fmt: skip
+    assert (finetuned / "classify/adapters/eval/report.json").is_file()
+    assert not (finetuned / "eval").exists()  # the base model's folder

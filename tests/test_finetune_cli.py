@@ -115,7 +115,11 @@ def test_resume_continues_the_fine_tune_exactly(files, tmp_path, capsys, straigh
         (["--task", "instruct", "--data", "sms.tsv"], r"sms.tsv, line 1: invalid JSON"),
         (["--task", "classify", "--data", "shakespeare-instruct"], "is not a dataset for --task classify"),
         (["--lora-rank", "-1"], "argument --lora-rank: expected an integer >= 0, got '-1'"),
-        (["--trainable-blocks", "some"], "argument --trainable-blocks: expected an integer >= 0, got 'some'"),
+        (["--trainable-blocks", "some"], "argument --trainable-blocks: expected 'all' or an integer >= 0, got 'some'"),
+        (["--seed", "-1"], r"argument --seed: expected an integer in \[0, 9223372036854775807\], got '-1'"),
+        (["--val-fraction", "0"], r"argument --val-fraction: expected a number in \(0, 1\), got '0'"),
+        (["--test-fraction", "0"], r"argument --test-fraction: expected a number in \(0, 1\), got '0'"),
+        (["--save-interval", "0"], "argument --save-interval: expected a number > 0, got '0'"),
         (["--trainable-blocks", "3"], r"--trainable-blocks must be in \[0, 2\] or 'all', got 3"),
         (["--lr", "0"], "argument --lr: expected a number > 0, got '0'"),
         (["--resume"], r"--resume: no checkpoint at .*out/ckpt.pt"),
@@ -192,3 +196,50 @@ def test_lm_fine_tune_of_gpt2_weights(files, tmp_path):
     assert history[-1][1] < history[0][1]
     checkpoint = load_checkpoint(tmp_path / "ft/ckpt.pt")
     assert checkpoint["model_config"]["context_length"] == 32 and checkpoint["tokenizer"] == {"name": "gpt2"}
+
+
+def test_checkpoint_is_the_option_and_init_from_its_old_spelling():
+    from llm.finetune.cli import build_parser
+
+    for spelling in ("--checkpoint", "--init-from"):
+        assert build_parser().parse_args([spelling, "base.pt"]).init_from == "base.pt"
+    assert "--checkpoint MODEL, --init-from MODEL" in build_parser().format_help()
+
+
+def test_lora_has_its_own_default_learning_rate():
+    from llm.finetune.config import FULL_LR, LORA_LR
+
+    assert LORA_LR > FULL_LR
+    assert FinetuneConfig(init_from="x", lora_rank=8).lr == LORA_LR
+    assert FinetuneConfig(init_from="x").lr == FULL_LR
+    assert FinetuneConfig(init_from="x", lora_rank=8, lr=3e-5).lr == 3e-5  # an explicit --lr wins
+    for fraction in ("val_fraction", "test_fraction"):  # also when built in Python, not parsed
+        with pytest.raises(ValueError, match=f"--{fraction.replace('_', '-')}: expected a number in \\(0, 1\\)"):
+            FinetuneConfig(init_from="x", **{fraction: 0.0})
+    with pytest.raises(ValueError, match="--seed: expected an integer"):
+        FinetuneConfig(init_from="x", seed=-1)
+
+
+def test_a_classifiers_loss_curve_is_per_example_not_per_token(files, tmp_path, monkeypatch):
+    import llm.finetune.loop as loop
+
+    units = []
+    monkeypatch.setattr(loop, "save_loss_curve", lambda history, path, unit: units.append(unit))
+    run(files, tmp_path / "out", "--task", "classify", "--data", str(files / "sms.tsv"), "--max-steps", "1",
+        "--answer-count", "0")  # fmt: skip
+    assert units == ["nats/example"]
+
+
+def test_a_fine_tune_saves_every_save_interval_besides_evaluations(files, tmp_path, monkeypatch):
+    import llm.finetune.loop as loop
+
+    steps, write = [], loop.save_checkpoint
+
+    def save_checkpoint(path, checkpoint):
+        write(path, checkpoint)
+        steps.append(checkpoint["step"])
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_checkpoint)
+    run(files, tmp_path / "out", "--task", "lm", "--data", str(files / "notes.txt"), "--data-dir", str(tmp_path / "c"),
+        "--max-steps", "3", "--eval-interval", "100", "--save-interval", "1e-9")  # fmt: skip
+    assert steps == [1, 2, 3]

@@ -1,12 +1,15 @@
 """llm.data: corpus sources, cached token files, document split, batches."""
 
+import gzip
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from llm.data import BatchLoader, TokenWindows, default_corpus, prepare_data, resolve_sources, split_documents
+from llm.data import (
+    BatchLoader, TokenWindows, default_corpus, prepare_data, read_document, resolve_sources, split_documents,
+)  # fmt: skip
 from llm.tokenizer import gpt2_tokenizer
 
 
@@ -83,3 +86,14 @@ def test_windows_and_loader(tmp_path):
 
     with pytest.raises(ValueError, match="fewer than one window"):
         TokenWindows(tmp_path / "t.bin", "uint16", context_length=1000, stride=1)
+
+
+def test_binary_or_non_utf8_text_is_refused_with_the_file_and_byte_offset(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("na\u00efve caf\u00e9".encode("latin-1"))
+    (tmp_path / "blob.txt").write_bytes(b"looks like text\x00\x89PNG")
+    (tmp_path / "ok.txt.gz").write_bytes(gzip.compress("na\u00efve caf\u00e9 \u2014 fine".encode()))
+    for name, message in [("latin1.txt", r"latin1.txt: not UTF-8 text: byte 2 \(0xef\) invalid continuation byte"),
+                          ("blob.txt", r"blob.txt: byte 15 is a NUL byte: a binary file, not text")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            prepare_data([str(tmp_path / name)], gpt2_tokenizer(), tmp_path / "cache")
+    assert read_document(tmp_path / "ok.txt.gz") == "na\u00efve caf\u00e9 \u2014 fine"

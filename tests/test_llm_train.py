@@ -2,6 +2,7 @@
 checkpoint errors, generation with and without the KV cache."""
 
 import os
+import shutil
 import signal
 import socket
 
@@ -240,3 +241,46 @@ def test_ddp_matches_gradient_accumulation(corpus, tmp_path):
     for key, tensor in expected["model"].items():
         torch.testing.assert_close(actual["model"][key], tensor, atol=1e-4, rtol=1e-4, msg=key)
     assert len(actual["rng"]) == 2  # both ranks' RNG states, written by rank 0 only
+
+
+def recorded_saves(monkeypatch, copy_step: int | None = None, copy_to=None) -> list[int]:
+    """The steps llm.train saves checkpoints at, as they happen; the checkpoint of copy_step is
+    copied to copy_to (what a run killed just after it would leave behind)."""
+    import llm.train
+
+    saves, write = [], llm.train.save_checkpoint
+
+    def save_checkpoint(path, checkpoint):
+        write(path, checkpoint)
+        saves.append(checkpoint["step"])
+        if checkpoint["step"] == copy_step:
+            shutil.copy(path, copy_to)
+
+    monkeypatch.setattr(llm.train, "save_checkpoint", save_checkpoint)
+    return saves
+
+
+def test_checkpoints_are_saved_every_save_interval_besides_evaluations(corpus, tmp_path, monkeypatch):
+    saves = recorded_saves(monkeypatch)
+    cache = str(tmp_path.parent / "shared-cache")
+    train(tiny_run(corpus, tmp_path / "often", max_steps=3, eval_interval=100, save_interval=1e-9, data_dir=cache))
+    assert saves == [1, 2, 3]  # every step (the interval is tiny), once each
+    saves.clear()
+    train(tiny_run(corpus, tmp_path / "default", max_steps=3, eval_interval=100, data_dir=cache))
+    assert saves == [3]  # 300 s between interval saves: only the last evaluation's within 3 quick steps
+
+
+def test_a_checkpoint_saved_by_the_clock_resumes_exactly(corpus, tmp_path, monkeypatch, uninterrupted):
+    """A run killed outright (no signal handler runs) keeps the last interval's checkpoint, and
+    resuming from it gives the uninterrupted run's losses and weights."""
+    expected_history, expected = uninterrupted
+    recorded_saves(monkeypatch, copy_step=2, copy_to=tmp_path / "step-2.pt")
+    cache = str(tmp_path.parent / "shared-cache")
+    train(tiny_run(corpus, tmp_path / "often", max_steps=6, eval_interval=4, save_interval=1e-9, data_dir=cache))
+    (tmp_path / "killed/out").mkdir(parents=True)
+    shutil.copy(tmp_path / "step-2.pt", tmp_path / "killed/out/ckpt.pt")
+    history = train(tiny_run(corpus, tmp_path / "killed", max_steps=6, eval_interval=4, data_dir=cache, resume=True))
+    assert history["train_loss"] == expected_history["train_loss"]  # bit-identical
+    resumed = load_checkpoint(tmp_path / "killed/out/ckpt.pt")
+    for key, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key

@@ -65,3 +65,10 @@ def test_load_model_state_reports_mismatch():
     other = GPT(GPTConfig(vocab_size=60, context_length=8, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="transformer.wte.weight: checkpoint \\(60, 16\\) vs model \\(50, 16\\)"):
         load_model_state(small, other.state_dict())
+
+
+def test_exported_weights_get_the_same_permissions_as_their_siblings(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path / "hf")
+    save_hf(load_gpt2(tmp_path / "hf"), tmp_path / "ours")
+    mode = (tmp_path / "ours/model.safetensors").stat().st_mode & 0o777
+    assert mode == (tmp_path / "ours/config.json").stat().st_mode & 0o777, oct(mode)  # 0644 under umask 022

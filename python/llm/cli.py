@@ -7,14 +7,22 @@ Conventions for a command module (llm.train, llm.generate, ...):
                   input ends the program with "<prog>: error: <message>" and exit status 2,
                   like argparse's own errors; Ctrl-C ends it with one line and status 130.
 Options are validated when parsed (the types below), so a bad value is refused before any
-work starts, with a message naming the option and the valid range.
+work starts, with a message naming the option and the valid range; --help shows each
+option's range and default.
+
+LLM_EXTRA_ARGS (environment): options added after a console script's own, so a documented
+command can be tried smaller without editing it, e.g. LLM_EXTRA_ARGS="--max-steps 20"
+(the README's test runs its examples that way). The command says so on stderr when it is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import math
+import os
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +47,40 @@ class OneLineErrorParser(argparse.ArgumentParser):
         return namespace, extras
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and ends each option's line with the range
+    its type accepts and its default, unless its help says them already."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        notes = [action.help] if action.help else []
+        if isinstance(action.type, Bounded) and action.type.expected not in (action.help or ""):
+            notes.append(action.type.expected)
+        if action.option_strings and has_default(action) and "default" not in (action.help or ""):
+            notes.append(f"default {_shown(action.default)}")
+        if len(notes) > (1 if action.help else 0):
+            action = copy.copy(action)
+            action.help = "; ".join(notes[:1] + [note.replace("%", "%%") for note in notes[1:]])
+        return super()._format_action(action)
+
+
+def has_default(action: argparse.Action) -> bool:
+    """Whether an option has a default worth showing: not None, a flag's False or an empty list (0 is one)."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS or default == [])
+
+
+def _shown(value) -> str:
+    """A default as --help shows it: text that is empty or holds spaces or newlines is quoted."""
+    if isinstance(value, str) and (not value or value != value.strip() or "\n" in value):
+        return repr(value)
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def new_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """A parser whose usage line shows `prog` (the console script), whose help keeps the
-    module docstring's layout and whose errors are one line."""
-    return OneLineErrorParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module docstring's layout and shows every option's range and default, and whose errors
+    are one line."""
+    return OneLineErrorParser(prog=prog, description=doc, formatter_class=HelpFormatter)
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,11 @@ def float_in(minimum: float | None = None, maximum: float | None = None, *, min_
     return Bounded(float, minimum, maximum, min_open, max_open)
 
 
+# --seed of every command: what torch.manual_seed takes, less the negative half (a seed
+# plus a rank or sample index stays below its 2**64 limit).
+SEED = int_in(0, 2**63 - 1)
+
+
 def checked_by(check, metavar: str):
     """An argparse type from a function that validates (and may convert) a value, raising
     ValueError / FileNotFoundError with a message: the message becomes argparse's error."""
@@ -162,6 +205,14 @@ def shows_bar(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
+def extra_args(prog: str) -> list[str]:
+    """The options in LLM_EXTRA_ARGS (see the module docstring), announced on stderr."""
+    extra = shlex.split(os.environ.get("LLM_EXTRA_ARGS", ""))
+    if extra:
+        print(f"{prog}: adding LLM_EXTRA_ARGS: {shlex.join(extra)}", file=sys.stderr)
+    return extra
+
+
 def command(prog: str):
     """Decorator for a console script's main(argv): bad input -> "prog: error: ..." on stderr
     and exit status 2 (argparse's own convention); Ctrl-C -> one line and status 130."""
@@ -169,6 +220,8 @@ def command(prog: str):
     def decorate(main):
         @functools.wraps(main)
         def run(argv: list[str] | None = None):
+            if argv is None:  # run as a console script
+                argv = sys.argv[1:] + extra_args(prog)
             try:
                 return main(argv)
             except USER_ERRORS as error:

@@ -58,11 +58,22 @@ def resolve_sources(sources: list[str] | None) -> list[Path]:
 
 
 def read_document(path: Path) -> str:
-    """A text file as a string (.gz decompressed); undecodable bytes become U+FFFD."""
+    """A UTF-8 text file as a string (.gz decompressed). A binary file or text in another
+    encoding is refused, naming the file and the first bad byte's offset (in the decompressed
+    text for .gz), rather than trained on as replacement characters."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
-    return raw.decode("utf-8", errors="replace")
+    nul = raw.find(b"\0")
+    if nul != -1:
+        raise ValueError(f"{path}: byte {nul} is a NUL byte: a binary file, not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text: byte {error.start} ({raw[error.start]:#04x}) {error.reason}; convert it "
+            f"first, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}"
+        ) from None
 
 
 def split_documents(num_documents: int, val_fraction: float) -> list[int]:

@@ -46,6 +46,12 @@ def task_model(gpt: GPT, checkpoint: dict, task: str, head_key: str = "head"):
     return classifier_from_checkpoint(gpt, checkpoint, head_key)
 
 
+def default_out_dir(checkpoint: str, adapters: str | None) -> Path:
+    """eval/ inside the adapters' folder when they are applied (the base model's folder is
+    not this run's), else beside the checkpoint."""
+    return Path(adapters) / "eval" if adapters else Path(checkpoint).parent / "eval"
+
+
 def evaluate(
     checkpoint: str,
     before: str | None = "auto",
@@ -103,7 +109,7 @@ def evaluate(
         results["before"] = evaluated_task.report(before_model.to(device), tokenizer, device, autocast)
         models["before"] = before
     results["after"] = evaluated_task.report(after_model.to(device), tokenizer, device, autocast)
-    out_dir = out_dir or str(Path(checkpoint).parent / "eval")
+    out_dir = out_dir or str(default_out_dir(checkpoint, adapters))
     table = write_report(out_dir, task, results, models)
     return results, table
 
@@ -117,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=TASKS, default=None, help="default: the checkpoint's")
     parser.add_argument("--data", nargs="+", default=None, help="data files or a built-in dataset name")
     parser.add_argument("--data-dir", default=None, help="token cache for text (lm task)")
-    parser.add_argument("--out-dir", default=None, help="default: eval/ beside the checkpoint")
+    parser.add_argument("--out-dir", default=None, help="default: eval/ beside the checkpoint, or inside --adapters")
     parser.add_argument("--batch-size", type=int_in(1), default=None)
     parser.add_argument("--answer-count", type=int_in(0), default=None, help="instruct: held-out prompts to answer")
     parser.add_argument("--device", default="auto")

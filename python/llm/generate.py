@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import tiktoken
 import torch
 
-from llm.cli import command, device_name, existing_file, existing_path, float_in, int_in, new_parser
+from llm.cli import SEED, command, device_name, existing_file, existing_path, float_in, int_in, new_parser
 from llm.model import GPT
 from llm.runtime import DEVICE_CHOICES
 from llm.text_stream import TextStream
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int_in(1), default=None, help="sample from the k most likely tokens")
     parser.add_argument("--top-p", type=float_in(0, 1, min_open=True), default=None,
                         help="sample from the most likely tokens that hold this much probability")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=SEED, default=1337, help="sample i uses seed + i")
     parser.add_argument("--num-samples", type=int_in(1), default=1)
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_CHOICES)
@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     model.to(resolve_device(args.device))
     prompt = format_prompt(args.prompt, args.input) if task == "instruct" else args.prompt
     prompt_ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
+    if len(prompt_ids) > model.config.context_length:  # before anything is printed
+        raise ValueError(f"--prompt is {len(prompt_ids)} tokens{' in its template' if task == 'instruct' else ''}; "
+                         f"the model's context holds {model.config.context_length}")
     for i in range(args.num_samples):
         pieces = stream_text(
             model, tokenizer, prompt_ids, args.max_new_tokens, seed=args.seed + i, temperature=args.temperature,

@@ -5,12 +5,14 @@ with exact resume, and DistributedDataParallel under torchrun.
     llm-train                                 # tiny preset on Shakespeare, a few CPU minutes
     llm-train --preset gpt2 --data 'corpus/*.txt' --device cuda --compile --use-fused
     torchrun --nproc_per_node 8 -m llm.train --preset gpt2 ...
-    llm-train --resume                        # continue out/ckpt.pt exactly where it stopped
+    llm-train --resume --max-steps 2000       # continue out/ckpt.pt exactly where it stopped
     llm-train --overwrite                     # start over, replacing out/ckpt.pt
+    llm-train --checkpoint ./gpt2 --data 'notes/*.txt' --out-dir out-notes   # start from a model
 
-An existing checkpoint is never replaced unless --overwrite says so. Ctrl-C (SIGINT) or
-SIGTERM saves a checkpoint at the end of the current step and prints the command that
-resumes it; the resumed run matches an uninterrupted one exactly.
+The checkpoint (OUT_DIR/ckpt.pt) is written at every evaluation and every --save-interval
+seconds, atomically; an existing one is never replaced unless --overwrite says so. Ctrl-C
+(SIGINT) or SIGTERM saves a checkpoint at the end of the current step and prints the command
+that resumes it; the resumed run matches an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 import os
 import shlex
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ from llm.checkpoint import (
     check_existing_checkpoint, checkpoint_task, load_checkpoint, model_from_checkpoint, save_checkpoint,
 )  # fmt: skip
 from llm.cli import (
-    PROGRESS_SETTINGS, add_progress_options, checked_by, command, device_name, existing_path, float_in, int_in,
-    new_parser, shows_bar,
+    PROGRESS_SETTINGS, SEED, add_progress_options, checked_by, command, device_name, existing_path, float_in,
+    int_in, new_parser, shows_bar,
 )  # fmt: skip
 from llm.config import PRESETS, GPTConfig
 from llm.data import DEFAULT_DATA_DIR, BatchLoader, TokenWindows, corpus_tokenizer, prepare_data, resolve_sources
@@ -93,6 +94,7 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir/ckpt.pt
     overwrite: bool = False  # replace an existing out_dir/ckpt.pt with a new run
     eval_interval: int = 200  # steps between validation, sample, checkpoint and plot
+    save_interval: float = 300.0  # seconds between checkpoints (besides those at evaluations)
     eval_batches: int = 8
     sample_tokens: int = 80
     sample_prompt: str = "\n"
@@ -122,18 +124,25 @@ NUMERIC_SETTINGS = {
     "beta2": float_in(0, 1, max_open=True),
     "grad_clip": float_in(0),
     "eval_interval": int_in(1),
+    "save_interval": float_in(0, min_open=True),
     "eval_batches": int_in(1),
     "sample_tokens": int_in(0),
-    "seed": int_in(0, 2**32 - 1),
+    "seed": SEED,
     "peak_flops": float_in(0, min_open=True),
 }
+# What None means for the settings that may be None (--help shows it as the default).
+UNSET_MEANS = {"context_length": "the model's", "dropout": "the preset's", "stride": "the context length",
+               "lr_decay_steps": "--max-steps", "peak_flops": "the GPU's, if known"}
+SETTING_HELP = {"save_interval": "seconds between checkpoints, besides those at evaluations: "}
 # What fixes the model and its tokens: a resumed run takes these from its checkpoint.
 RESUMED_SETTINGS = ("preset", "context_length", "tokenizer", "init_from")
+# Fields whose option is not their name with dashes; --init-from stays an alias of --checkpoint.
+OPTION_NAMES = {"init_from": "--checkpoint"}
 
 
 def option(name: str) -> str:
     """The command-line spelling of a TrainConfig field: max_steps -> --max-steps."""
-    return "--" + name.replace("_", "-")
+    return OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -150,7 +159,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resume and cfg.overwrite:
         raise ValueError("pass --resume (continue the checkpoint) or --overwrite (replace it), not both")
     if cfg.resume and cfg.init_from is not None:
-        raise ValueError("--resume continues OUT_DIR/ckpt.pt and --init-from starts a new run; pass one of them")
+        raise ValueError("--resume continues OUT_DIR/ckpt.pt and --checkpoint starts a new run from a model; "
+                         "pass one of them")
     if cfg.tokenizer is not None:
         try:
             check_tokenizer_spec(cfg.tokenizer)
@@ -161,7 +171,7 @@ def check_config(cfg: TrainConfig) -> None:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(f"{option(name)} {folder} is a file; expected a folder")
     if cfg.init_from is not None and not Path(cfg.init_from).exists():
-        raise FileNotFoundError(f"--init-from: no such file or folder: {cfg.init_from}")
+        raise FileNotFoundError(f"--checkpoint: no such file or folder: {cfg.init_from}")
     resolve_sources(cfg.data)  # every --data source exists
 
 
@@ -379,6 +389,7 @@ def train(cfg: TrainConfig) -> dict:
         )
         log(f"step 0: val loss {history['val_loss'][-1][1]:.4f}")
     interrupted = False
+    saver = IntervalSaves(cfg.save_interval, ddp)
     with StopRequests() as stop:
         while step < cfg.max_steps:
             started = time.perf_counter()
@@ -395,12 +406,14 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=mfu, lr=f"{lr:.1e}")
             bar.update(1)
             evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
-            if evaluated:
-                if ddp.is_main:
-                    evaluate()
+            saved = evaluated or saver.due(device)
+            if evaluated and ddp.is_main:
+                evaluate()
+            if saved:
                 save()
+                saver.saved()
             if step < cfg.max_steps and stop.requested(ddp, device):
-                if not evaluated:
+                if not saved:
                     save()
                 interrupted = True
                 break
@@ -410,6 +423,27 @@ def train(cfg: TrainConfig) -> dict:
     if interrupted:
         raise TrainingInterrupted(stop.received or signal.SIGTERM, step, checkpoint_path)
     return history
+
+
+class IntervalSaves:
+    """When a checkpoint is due by the clock (every `interval` seconds since the last one), so a
+    run killed outright (out of memory, a lost machine) loses at most that much work. Under
+    torchrun rank 0's clock decides for every rank, since all of them take part in a save."""
+
+    def __init__(self, interval: float, ddp):
+        self.interval, self.ddp = interval, ddp
+        self.last = time.monotonic()
+
+    def due(self, device: torch.device) -> bool:
+        due = time.monotonic() - self.last >= self.interval
+        if self.ddp.enabled:
+            flag = torch.tensor(float(due), device=device)
+            dist.broadcast(flag, src=0)
+            due = flag.item() > 0
+        return due
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def next_token_loss(model, batch) -> torch.Tensor:
@@ -458,14 +492,14 @@ def estimate_loss(model: GPT, windows: TokenWindows, num_batches: int, batch_siz
     return sum(losses) / len(losses)
 
 
-def save_loss_curve(history: dict, path: Path) -> None:
+def save_loss_curve(history: dict, path: Path, loss_unit: str = "nats/token") -> None:
     figure, axes = new_figure(figsize=(7, 4))
     axes.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], label="train", alpha=0.7)
     if history["val_loss"]:
         steps, losses = zip(*history["val_loss"])
         axes.plot(steps, losses, "o-", label="validation")
     axes.set_xlabel("step")
-    axes.set_ylabel("cross-entropy loss (nats/token)")
+    axes.set_ylabel(f"cross-entropy loss ({loss_unit})")
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -488,12 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt.pt where it stopped")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/ckpt.pt")
-    parser.add_argument("--init-from", type=existing_path, default=None,
-                        help="start from a checkpoint or a Hugging Face GPT-2 folder")
+    parser.add_argument("--checkpoint", "--init-from", dest="init_from", metavar="MODEL", type=existing_path,
+                        default=None, help="start a new run from this model: an llm checkpoint or a Hugging Face "
+                                           "GPT-2 folder")  # fmt: skip
     for name, kind in NUMERIC_SETTINGS.items():
         default = getattr(defaults, name)
         parser.add_argument(option(name), type=kind, default=default, metavar="N" if kind.kind is int else "X",
-                            help=f"{kind.expected}; default {default}")
+                            help=f"{SETTING_HELP.get(name, '')}{kind.expected}; "
+                                 f"default {UNSET_MEANS.get(name, default)}")  # fmt: skip
     parser.add_argument("--sample-prompt", default=defaults.sample_prompt, help="text the samples continue")
     add_progress_options(parser)
     return parser
@@ -507,21 +543,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted run: the same options plus --resume,
-    less those that start a run (--overwrite, --init-from: the checkpoint holds the model)."""
+    less those that start a run (--overwrite, --checkpoint / --init-from: OUT_DIR/ckpt.pt holds
+    the model)."""
+    starts = ("--checkpoint", "--init-from")
     kept, skip_value = [], False
     for arg in argv:
         if skip_value:
             skip_value = False
-        elif arg == "--init-from":
+        elif arg in starts:
             skip_value = True
-        elif arg not in ("--overwrite", "--resume") and not arg.startswith("--init-from="):
+        elif arg not in ("--overwrite", "--resume") and not arg.startswith(tuple(f"{s}=" for s in starts)):
             kept.append(arg)
     return shlex.join(["llm-train", *kept, "--resume"])
 
 
 @command("llm-train")
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     try:
         history = train(cfg)

@@ -6,10 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llm.checkpoint import TASKS
+from llm.cli import SEED, float_in
 from llm.data import DEFAULT_DATA_DIR
 
 DTYPES = ("auto", "float32", "bfloat16")
 ALL_BLOCKS = -1
+# Default learning rates. LoRA's adapters start at zero (their B matrices) and hold few
+# weights, so they take larger steps than a full fine-tune; the README's Fine-tune section
+# gives the sweep that chose LORA_LR.
+FULL_LR = 1e-4
+LORA_LR = 3e-3
+# --val-fraction and --test-fraction: a held-out split must hold something, the report measures on it.
+HELD_OUT_FRACTION = float_in(0, 1, min_open=True, max_open=True)
 
 
 @dataclass
@@ -42,7 +50,7 @@ class FinetuneConfig:
     max_steps: int = 200
     lr_decay_steps: int | None = None
     warmup_steps: int = 10
-    lr: float = 1e-4
+    lr: float | None = None  # None = FULL_LR, or LORA_LR with LoRA
     min_lr: float | None = None  # None = lr / 10
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -52,6 +60,7 @@ class FinetuneConfig:
     resume: bool = False  # continue out_dir/ckpt.pt
     overwrite: bool = False  # replace an existing out_dir/ckpt.pt with a new fine-tune
     eval_interval: int = 50
+    save_interval: float = 300.0  # seconds between checkpoints, besides those at evaluations
     eval_batches: int = 8  # lm task: validation windows = eval_batches * batch_size
     answer_count: int = 30  # instruct: held-out prompts answered in the report
     answer_tokens: int = 48
@@ -67,7 +76,12 @@ class FinetuneConfig:
         if self.resume and self.overwrite:
             raise ValueError("pass --resume (continue the checkpoint) or --overwrite (replace it), not both")
         if self.init_from is None and not self.resume:
-            raise ValueError("--init-from is required: the checkpoint or GPT-2 folder to fine-tune")
+            raise ValueError("--checkpoint is required: the checkpoint or GPT-2 folder to fine-tune")
+        SEED.check("--seed", self.seed)
+        for name in ("val_fraction", "test_fraction"):
+            HELD_OUT_FRACTION.check("--" + name.replace("_", "-"), getattr(self, name))
+        if self.lr is None:
+            self.lr = LORA_LR if self.lora_rank else FULL_LR
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         if self.trainable_blocks is None:

@@ -32,7 +32,10 @@ from llm.interrupts import StopRequests, TrainingInterrupted
 from llm.model import GPT
 from llm.runtime import Distributed, autocast_for, gather_rng_states, resolve_device, restore_rng_states
 from llm.tokenizer import tokenizer_to_dict
-from llm.train import build_model, build_optimizer, save_loss_curve, training_step
+from llm.train import IntervalSaves, build_model, build_optimizer, save_loss_curve, training_step
+
+# What one unit of each task's loss averages over, for the loss curve's axis.
+LOSS_UNITS = {"lm": "nats/token", "classify": "nats/example", "instruct": "nats/response token"}
 
 
 def freeze_all_but_last(gpt: GPT, trainable_blocks: int) -> None:
@@ -55,7 +58,7 @@ def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
     Raises TrainingInterrupted (after saving a checkpoint) on SIGINT / SIGTERM."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("llm-finetune runs in one process, not under torchrun; for plain text on many GPUs "
-                         "use torchrun -m llm.train --init-from CHECKPOINT")
+                         "use torchrun -m llm.train --checkpoint CHECKPOINT")
     device = resolve_device(cfg.device)
     log = tqdm.write  # evaluation lines always print; the bar only on a terminal or if asked
     out_dir = Path(cfg.out_dir)
@@ -133,11 +136,12 @@ def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
                 "finetune_config": dataclasses.asdict(cfg),
             })  # fmt: skip
         save_checkpoint(checkpoint_path, checkpoint)
-        save_loss_curve(history, out_dir / "loss.png")
+        save_loss_curve(history, out_dir / "loss.png", LOSS_UNITS[cfg.task])
 
     train_model = torch.compile(model) if cfg.compile else model
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not shows_bar(cfg.progress), dynamic_ncols=True)
+    saver = IntervalSaves(cfg.save_interval, Distributed())
     with StopRequests() as stop:
         while step < cfg.max_steps:
             started = time.perf_counter()
@@ -148,13 +152,16 @@ def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
                             s_per_step=f"{time.perf_counter() - started:.2f}")  # fmt: skip
             bar.update(1)
             evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            saved = evaluated or saver.due(device)
             if evaluated:
                 val = task.metrics(model, "val", device, autocast)
                 history["val_loss"].append([step, val["loss"]])
                 log(f"step {step}: val loss {val['loss']:.4f}" + (f", accuracy {val['accuracy']:.1%}" if "accuracy" in val else ""))
+            if saved:
                 save()
+                saver.saved()
             if stop.received is not None:  # even at the last step: the report can take minutes
-                if not evaluated:
+                if not saved:
                     save()
                 bar.close()
                 raise TrainingInterrupted(stop.received, step, checkpoint_path)
