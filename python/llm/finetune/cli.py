@@ -10,7 +10,8 @@
 
 Data: classify reads CSV/TSV (label, text) files, instruct reads JSON/JSONL records
 (instruction, input, output), lm reads text files; without --data each task uses its
-built-in Shakespeare dataset (shakespeare-genre, shakespeare-play, shakespeare-instruct).
+built-in Shakespeare dataset (shakespeare-genre, shakespeare-play, shakespeare-instruct);
+--data arithmetic-tools teaches an instruct model to call the calculator (llm.finetune.arithmetic).
 Writes OUT_DIR/ckpt.pt (LoRA merged in; every command loads it), adapters/ (LoRA runs),
 loss.png and the before/after report (report.md, report.json, confusion.png, answers.json).
 

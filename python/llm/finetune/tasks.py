@@ -16,6 +16,7 @@ from pathlib import Path
 import tiktoken
 
 from llm.data import TokenWindows, prepare_data
+from llm.finetune.arithmetic import ARITHMETIC_DATASET, arithmetic_records
 from llm.finetune.classify import ClassificationSet, GPTClassifier, classification_loss, classification_metrics
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.datasets import read_instructions, read_labelled_text, split_examples
@@ -32,6 +33,10 @@ DEFAULT_DATASETS = {"classify": "shakespeare-genre", "instruct": "shakespeare-in
 
 def load_examples(cfg: FinetuneConfig, read_file) -> list:
     """The task's examples: a built-in dataset by name (default: the task's own), or files."""
+    if cfg.data == [ARITHMETIC_DATASET]:
+        if cfg.task != "instruct":
+            raise ValueError(f"--data {ARITHMETIC_DATASET} is not a dataset for --task {cfg.task}; use --task instruct")
+        return arithmetic_records(2000, seed=SPLIT_SEED)
     if not cfg.data or (len(cfg.data) == 1 and cfg.data[0] in BUILTIN_DATASETS):
         name = cfg.data[0] if cfg.data else DEFAULT_DATASETS[cfg.task]
         examples = builtin_dataset(name, seed=SPLIT_SEED)
