@@ -22,20 +22,20 @@ SAME_MODEL_COSINE = 0.999
 
 class SentenceEmbedder:
     def __init__(self, spec: str):
+        path = Path(spec).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--embedder {spec}: expected a sentence-transformers model folder or id, found a file")
+        self.name = str(path.resolve()) if path.is_dir() else spec
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
             raise ValueError("--embedder needs sentence-transformers: pip install 'llmkernels[apps]'") from None
-        path = Path(spec).expanduser()
-        self.name = str(path.resolve()) if path.is_dir() else spec
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"--embedder {spec}: expected a sentence-transformers model folder or id, found a file")
         try:
             self.model = SentenceTransformer(self.name, device="cpu")
         except Exception as error:  # a missing id or a folder that is not a model: many exception types
             raise ValueError(f"--embedder {spec}: cannot load a sentence-transformers model "
                              f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-        self.dimension = int(self.model.get_sentence_embedding_dimension())
+        self.dimension = int(self.model.get_embedding_dimension())
 
     def embed(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
         """texts -> (N, dimension) float32 rows of unit length (cosine = dot product)."""

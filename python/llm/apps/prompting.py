@@ -64,8 +64,8 @@ class PromptedModel:
         return len(self.tokenizer.encode(text, allowed_special="all"))
 
     def complete(self, prompt: str, stop: list[str] = ()) -> tuple[str, str, int]:
-        """(text, finish_reason, tokens generated): "stop" at <|endoftext|> or a stop string
-        (which is cut), "length" when max_new_tokens or the context ran out."""
+        """(text, finish_reason, tokens generated): "stop" at <|endoftext|>, "stop_string" at one
+        of `stop` (cut from the text), "length" when max_new_tokens or the context ran out."""
         import torch
 
         from llm.generate import stream_tokens
@@ -89,7 +89,7 @@ class PromptedModel:
             count += 1
             text.push(token_id)
             if text.stopped:
-                finish_reason = "stop"
+                finish_reason = "stop_string"
                 break
         text.finish()
         return text.text, finish_reason, count

@@ -1,9 +1,9 @@
 """The tool-use loop: the model writes, a tool call is run, its result is appended, the model
 goes on; at most max_calls calls per answer.
 
-    prompt -> model writes "<tool_call>{...}</tool_call>"  (generation stops there)
+    prompt -> model writes '<call>calculator {"expression": "2 + 2"}</call>'  (generation stops there)
            -> runtime: parse, whitelist, schema, run with a time limit (llm.apps.tools)
-           -> "<tool_result>...</tool_result>" appended -> model writes on -> the answer
+           -> "<result>4</result>" appended -> model writes on -> the answer
 
 Nothing the model writes can run a tool that the registry does not allow, nor more calls than
 the policy's max_tool_calls: the extra call is not run and the answer stops there
@@ -37,7 +37,7 @@ def answer_with_tools(model: PromptedModel, prompt: str, tools: ToolRegistry, ma
         text, finish_reason, count = model.complete(prompt + result.transcript, stop=[CALL_END])
         result.tokens += count
         start = text.find(CALL_START)
-        if start < 0 or finish_reason != "stop" or not text.rstrip().endswith("}"):
+        if start < 0 or finish_reason != "stop_string":
             result.transcript += text  # no complete call: this is the answer
             result.finish_reason = finish_reason
             break

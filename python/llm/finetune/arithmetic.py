@@ -3,12 +3,12 @@ small model learns to call the calculator rather than guess (llm-finetune --task
 --data arithmetic-tools; llm-eval --tool-use measures it with and without the tool).
 
     instruction  What is 37 * 58?
-    output       <tool_call>{"name": "calculator", "arguments": {"expression": "37 * 58"}}</tool_call>
-                 <tool_result>2146</tool_result>
+    output       <call>calculator {"expression": "37 * 58"}</call>
+                 <result>2146</result>
                  2146
 
 The model learns three things: to write the call with the question's numbers, to stop at
-</tool_call> (the runtime then runs the tool and appends the result), and to answer with
+</call> (the runtime then runs the tool and appends the result), and to answer with
 the result. Deterministic: the same records on every machine.
 """
 
@@ -21,7 +21,7 @@ from llm.tool_calls import format_tool_call, format_tool_result
 
 ARITHMETIC_DATASET = "arithmetic-tools"
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.")
+PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.")
 
 
 def arithmetic_records(count: int, seed: int) -> list[Instruction]:
@@ -29,7 +29,7 @@ def arithmetic_records(count: int, seed: int) -> list[Instruction]:
     records = []
     for _ in range(count):
         op = rng.choice(list(OPERATIONS))
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
         expression, value = f"{a} {op} {b}", OPERATIONS[op](a, b)
         call = format_tool_call("calculator", {"expression": expression})
         question = rng.choice(PHRASINGS).format(a=a, op=op, b=b)
