@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+pytest.importorskip("bm25s")  # the apps extra; CI requires it (LLMKERNELS_REQUIRE_TEST_DEPS)
+
 from llm.apps.app_log import AppLog
 from llm.apps.chunking import Document
 from llm.apps.grounding import NOT_FOUND, RULES, answer_question

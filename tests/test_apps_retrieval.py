@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+pytest.importorskip("bm25s")  # the apps extra; CI requires it (LLMKERNELS_REQUIRE_TEST_DEPS)
+
 from llm.apps.chunking import Document, chunk_documents, chunk_text, read_documents
 from llm.apps.index import RRF_K, RetrievalIndex
 from llm.tokenizer import gpt2_tokenizer

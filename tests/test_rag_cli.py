@@ -4,6 +4,8 @@ questions' retrieval figures, and one clear line (exit 2) for every kind of bad 
 import json
 
 import pytest
+
+pytest.importorskip("bm25s")  # the apps extra; CI requires it (LLMKERNELS_REQUIRE_TEST_DEPS)
 from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
 from llm.rag import main

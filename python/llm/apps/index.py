@@ -50,10 +50,17 @@ class Hit:
                 "score": round(self.score, 4), "relevance": round(self.relevance, 4)}  # fmt: skip
 
 
-def _bm25_tokens(texts: list[str]):
-    import bm25s
+def bm25s_module():
+    """The bm25s package, or a one-line error saying how to install it."""
+    try:
+        import bm25s
+    except ImportError:
+        raise ValueError("retrieval needs bm25s: pip install 'llmkernels[apps]'") from None
+    return bm25s
 
-    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+def _bm25_tokens(texts: list[str]):
+    return bm25s_module().tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
 class RetrievalIndex:
@@ -66,8 +73,7 @@ class RetrievalIndex:
     @classmethod
     def build(cls, documents: list[Document], chunk_tokens: int, overlap_tokens: int, tokenizer: str = "gpt2",
               embedder: SentenceEmbedder | None = None, show_progress: bool = False) -> RetrievalIndex:  # fmt: skip
-        import bm25s
-
+        bm25s = bm25s_module()
         chunks = chunk_documents(documents, get_tokenizer(tokenizer), chunk_tokens, overlap_tokens)
         texts = [c.text for c in chunks]
         bm25 = bm25s.BM25()
@@ -108,15 +114,13 @@ class RetrievalIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, embedder: str | None = None) -> RetrievalIndex:
         """The saved index; `embedder` (a model folder or id) must be the one it was built with."""
-        import bm25s
-
         path = Path(path)
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"no index at {path} (build one with: llm-rag index DOCS --out {path})")
         try:
             manifest = json.loads((path / "manifest.json").read_text())
             chunks = [Chunk(**json.loads(line)) for line in (path / "chunks.jsonl").read_text(encoding="utf-8").splitlines()]
-            bm25 = bm25s.BM25.load(str(path / "bm25"), show_progress=False)
+            bm25 = bm25s_module().BM25.load(str(path / "bm25"), show_progress=False)
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise ValueError(f"index {path} is damaged ({type(error).__name__}: {error}); rebuild it") from None
         if manifest.get("format") != FORMAT or len(chunks) != manifest.get("chunks"):
