@@ -102,6 +102,9 @@ def test_injected_sources_are_dropped_and_contacts_redacted(poisoned_index, tmp_
 def test_irrelevant_question_gets_i_dont_know(poisoned_index):
     result = answer_question("Recipe for lemon cake?", poisoned_index, obedient, lambda s, u: u, len, 1000)
     assert result.answer == NOT_FOUND and result.finish_reason == "not_found" and not result.sources
+    # Some words match, but not well enough: below the threshold the model is not asked to guess.
+    weak = answer_question("Where is the harbour?", poisoned_index, obedient, lambda s, u: u, len, 1000, min_relevance=5.0)
+    assert weak.answer == NOT_FOUND and poisoned_index.search("Where is the harbour?", 3)
 
 
 def test_tool_instructions_in_documents_cannot_widen_the_whitelist_or_the_call_limit():
