@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from llm.cli import command, existing_path, float_in, int_in, new_parser
+from llm.cli import command, existing_path, int_in, new_parser, shows_bar
 from llm.files import write_text
 
 PROG = "llm-rag"
@@ -95,7 +95,7 @@ def run_index(args) -> None:
     documents = read_documents(args.documents)
     embedder = SentenceEmbedder(args.embedder) if args.embedder else None
     index = RetrievalIndex.build(documents, args.chunk_tokens, args.overlap_tokens, embedder=embedder,
-                                 show_progress=True)  # fmt: skip
+                                 show_progress=shows_bar(None))  # fmt: skip
     index.save(args.out, overwrite=args.overwrite)
     kinds = " + ".join(index.manifest["retrievers"])
     print(f"indexed {len(documents)} documents as {len(index.chunks)} chunks of {args.chunk_tokens} tokens "
