@@ -10,8 +10,8 @@ fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
     llm-generate --gpt2-weights ./gpt2 --prompt "Hello" --top-p 0.9
     llm-generate --checkpoint out-instruct/ckpt.pt --prompt "Who speaks these lines?" --input "..."
 
-An instruction model (checkpoint task "instruct") gets its prompt in the template it was
-trained with (llm.prompt_template) and prints only its response. --max-new-tokens is at
+An instruction model (checkpoint task "instruct") gets its prompt in the chat template it
+was trained with (llm.chat_template, recorded in the checkpoint) and prints only its reply. --max-new-tokens is at
 least 1 (a run that generates nothing is a mistake, not a request).
 """
 
@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Print samples: the prompt and its continuation, or for an instruction model (checkpoint
     task "instruct") the response to --prompt put in the instruction template."""
+    from llm.chat_template import checkpoint_template
     from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
-    from llm.prompt_template import format_prompt
     from llm.runtime import resolve_device
     from llm.weights import load_gpt2_with_tokenizer
 
@@ -231,8 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.input is not None and task != "instruct":
         raise ValueError("--input: only instruction models (llm-finetune --task instruct) take an input")
     model.to(resolve_device(args.device))
-    prompt = format_prompt(args.prompt, args.input) if task == "instruct" else args.prompt
-    prompt_ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
+    if task == "instruct":
+        template = checkpoint_template(checkpoint)
+        prompt_ids = template.prompt_ids(template.instruction_messages(args.prompt, args.input or ""), tokenizer)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     for i in range(args.num_samples):
         pieces = stream_text(
             model, tokenizer, prompt_ids, args.max_new_tokens, seed=args.seed + i, temperature=args.temperature,
