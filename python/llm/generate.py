@@ -30,6 +30,11 @@ from llm.runtime import DEVICE_CHOICES
 from llm.text_stream import TextStream
 
 
+# Below this temperature sampling is greedy: logits / T would overflow to inf (3e-38 does),
+# and the distribution is an argmax in all but name long before that.
+GREEDY_BELOW = 1e-5
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the setting unless temperature >= 0, top_k >= 1, 0 < top_p <= 1."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -112,8 +117,8 @@ def sample_next_token(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B, 1)."""
-    if temperature == 0:
+    """logits (B, V) -> token ids (B, 1). Temperatures below GREEDY_BELOW are greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)  # greedy
     logits = logits / temperature
     if top_k is not None:
@@ -128,6 +133,25 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    counts: torch.Tensor | None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+) -> torch.Tensor:
+    """OpenAI's penalties and logit bias: logits (B, V) and counts (B, V), how often each token
+    appears in the text generated so far, -> logits[j] - counts[j] * frequency_penalty
+    - (counts[j] > 0) * presence_penalty + logit_bias[j]."""
+    if counts is not None and (presence_penalty or frequency_penalty):
+        logits = logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
+    if logit_bias:
+        ids = torch.tensor(list(logit_bias), device=logits.device)
+        logits = logits.index_add(-1, ids, torch.tensor(list(logit_bias.values()), device=logits.device,
+                                                        dtype=logits.dtype).expand(logits.shape[0], -1))
+    return logits
 
 
 def complete(
