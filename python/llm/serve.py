@@ -1,26 +1,27 @@
 """llm-serve: serve a model over HTTP with OpenAI-shaped endpoints (FastAPI + uvicorn).
 
-    llm-serve --ckpt out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
-    llm-serve --ckpt ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
+    llm-serve --checkpoint out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
+    llm-serve --checkpoint ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
 The model loads once; requests are decoded together, one forward per step for all of
-them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app.
+them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. SIGTERM or
+Ctrl-C: no new requests (503), those in flight get --drain-timeout seconds, exit status 0.
 """
 
 from __future__ import annotations
 
 from llm.cli import command, device_name, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
-from llm.serving.engine import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
+from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
 PROG = "llm-serve"
 
 
 def build_parser():
     parser = new_parser(PROG, __doc__)
-    parser.add_argument("--ckpt", required=True,
+    parser.add_argument("--checkpoint", "--ckpt", dest="checkpoint", required=True,
                         help="an llm checkpoint file (task lm or instruct) or a Hugging Face GPT-2 folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port")
@@ -33,7 +34,9 @@ def build_parser():
                         help="requests waiting beyond --max-concurrency before 429 (default %(default)s)")
     parser.add_argument("--timeout", type=float_in(0, min_open=True), default=DEFAULT_TIMEOUT_S,
                         help="seconds a request may take, queueing included (default %(default)s)")
-    parser.add_argument("--model-name", help="the model id clients pass (default: the --ckpt file or folder name)")
+    parser.add_argument("--drain-timeout", type=float_in(0), default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM / Ctrl-C, seconds the requests in flight may still take (default %(default)s)")
+    parser.add_argument("--model-name", help="the model id clients pass (default: the --checkpoint file or folder name)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
     return parser
 
@@ -42,18 +45,19 @@ def build_parser():
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:  # after parsing, so --help and bad options answer at once
-        import uvicorn
-
         from llm.serving.app import create_app
         from llm.serving.loading import load_served_model
+        from llm.serving.server import serve
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
-    served = load_served_model(args.ckpt, device=args.device, use_fused=args.use_fused, name=args.model_name)
-    app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout)
+    served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)
+    app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
+                     drain_timeout_s=args.drain_timeout)
     print(f"{PROG}: serving {served.name!r} ({served.task}, {served.model.num_parameters():,} parameters) "
           f"on {served.device}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"{PROG}: stopped", flush=True)
 
 
 if __name__ == "__main__":
