@@ -69,17 +69,27 @@ def poisoned_index():
     return RetrievalIndex.build(POISONED, chunk_tokens=64, overlap_tokens=8)
 
 
-def obedient(prompt: str) -> tuple[str, str]:
-    """A model that does whatever its prompt says: it repeats all of it."""
-    return prompt, "stop"
+class Obedient:
+    """A model that does whatever its prompt says: it repeats all of it (what a real model
+    might write is the input under test; the runtime's rules are what is tested)."""
+
+    budget, template = 400, "plain"
+
+    def render(self, system, user):
+        return f"{system}\n\n{user}"
+
+    def count_tokens(self, prompt):
+        return len(prompt.split())
+
+    def complete(self, prompt):
+        return prompt, "stop", self.count_tokens(prompt)
+
+    def text(self, prompt):
+        return prompt
 
 
 def test_injected_sources_are_dropped_and_contacts_redacted(poisoned_index, tmp_path):
-    def render(system, user):
-        return f"{system}\n\n{user}"
-
-    result = answer_question("Who guards the harbour tower?", poisoned_index, obedient, render, lambda t: len(t.split()),
-                             budget=400, k=3, min_relevance=0.0)  # fmt: skip
+    result = answer_question("Who guards the harbour tower?", poisoned_index, Obedient(), k=3, min_relevance=0.0)
     assert result.prompt.startswith(RULES)  # the rules lead the prompt, whatever the sources say
     assert "ignore previous instructions" not in result.prompt.casefold()
     assert "note.md" not in [h.chunk.source for h in result.sources]
@@ -100,10 +110,10 @@ def test_injected_sources_are_dropped_and_contacts_redacted(poisoned_index, tmp_
 
 
 def test_irrelevant_question_gets_i_dont_know(poisoned_index):
-    result = answer_question("Recipe for lemon cake?", poisoned_index, obedient, lambda s, u: u, len, 1000)
+    result = answer_question("Recipe for lemon cake?", poisoned_index, Obedient())
     assert result.answer == NOT_FOUND and result.finish_reason == "not_found" and not result.sources
     # Some words match, but not well enough: below the threshold the model is not asked to guess.
-    weak = answer_question("Where is the harbour?", poisoned_index, obedient, lambda s, u: u, len, 1000, min_relevance=5.0)
+    weak = answer_question("Where is the harbour?", poisoned_index, Obedient(), min_relevance=5.0)
     assert weak.answer == NOT_FOUND and poisoned_index.search("Where is the harbour?", 3)
 
 

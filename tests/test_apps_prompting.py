@@ -7,21 +7,29 @@ import pytest
 from finetune_helpers import one_thread, tiny_gpt  # noqa: F401
 
 from llm.apps.prompt_variants import read_variants
-from llm.apps.prompting import render_prompt
+from llm.apps.prompting import PromptedModel, plain_prompt
+from llm.chat_template import Message, get_template
 from llm.checkpoint import save_checkpoint
 from llm.evaluate import main as evaluate_main
 from llm.finetune.datasets import Instruction
-from llm.prompt_template import format_prompt
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict
 
 SHOT = Instruction("What is 2 + 2?", "", "4")
 
 
 def test_system_and_examples_go_into_the_models_template():
-    instruct = render_prompt("instruct", "What is 3 + 3?", system="Answer with a number.", examples=[SHOT])
-    assert instruct == format_prompt("Answer with a number.\n\nExample:\nWhat is 2 + 2?\nAnswer: 4\n\nWhat is 3 + 3?")
-    plain = render_prompt("lm", "What is 3 + 3?", system="Answer with a number.", examples=[SHOT])
+    tokenizer, model = gpt2_tokenizer(), tiny_gpt()
+    chat = get_template("chat")
+    prompt = PromptedModel(model, tokenizer, chat).render("Answer with a number.", "What is 3 + 3?", [SHOT])
+    assert prompt == chat.prompt_ids([Message("system", "Answer with a number."), Message("user", "What is 2 + 2?"),
+                                      Message("assistant", "4"), Message("user", "What is 3 + 3?")], tokenizer)  # fmt: skip
+    alpaca = get_template("alpaca")  # single-turn: the examples lead the user's message
+    prompt = PromptedModel(model, tokenizer, alpaca).render("Answer with a number.", "What is 3 + 3?", [SHOT])
+    assert prompt == alpaca.prompt_ids([Message("system", "Answer with a number."),
+                                        Message("user", "Example:\nWhat is 2 + 2?\nAnswer: 4\n\nWhat is 3 + 3?")], tokenizer)
+    plain = plain_prompt("What is 3 + 3?", system="Answer with a number.", examples=[SHOT])
     assert plain == "Answer with a number.\n\nInput: What is 2 + 2?\nOutput: 4\n\nInput: What is 3 + 3?\nOutput:"
+    assert PromptedModel(model, tokenizer).render("Answer with a number.", "What is 3 + 3?", [SHOT]) == tokenizer.encode(plain)
 
 
 def test_variants_file_is_checked(tmp_path):
@@ -39,7 +47,7 @@ def instruct_checkpoint(tmp_path):
     model = tiny_gpt(context_length=192)
     path = tmp_path / "instruct" / "ckpt.pt"
     save_checkpoint(path, {"model": model.state_dict(), "model_config": model.config.to_dict(), "task": "instruct",
-                           "tokenizer": tokenizer_to_dict(gpt2_tokenizer()), "step": 0})  # fmt: skip
+                           "chat_template": "chat", "tokenizer": tokenizer_to_dict(gpt2_tokenizer()), "step": 0})  # fmt: skip
     return path
 
 

@@ -63,10 +63,13 @@ class ScriptedModel(PromptedModel):
     each completion is the next scripted text; a text containing a stop string is cut there."""
 
     def __init__(self, replies):
-        self.replies, self.prompts, self.task, self.template = list(replies), [], "instruct", "alpaca"
+        self.replies, self.prompts, self.template = list(replies), [], "scripted"
 
-    def complete(self, prompt, stop=()):
-        self.prompts.append(prompt)
+    def render(self, system, user, examples=()):
+        return user
+
+    def complete(self, prompt, stop=(), continuation=""):
+        self.prompts.append(prompt + continuation)
         text = self.replies.pop(0)
         for s in stop:
             if s in text:

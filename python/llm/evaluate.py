@@ -181,9 +181,9 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
     from llm.finetune.tasks import SPLIT_SEED, load_examples
 
     model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
-    if model.task != "instruct":
+    if model.chat is None:
         raise ValueError(f"--tool-use needs an instruction model (llm-finetune --task instruct --data "
-                         f"{ARITHMETIC_DATASET}); {checkpoint} is a {model.task} model")
+                         f"{ARITHMETIC_DATASET}); {checkpoint} is a plain language model")
     saved = load_model_source(checkpoint)[2].get("finetune_config") or {}
     cfg = FinetuneConfig(task="instruct", init_from=checkpoint, data=[ARITHMETIC_DATASET],
                          val_fraction=saved.get("val_fraction", 0.1), test_fraction=saved.get("test_fraction", 0.1))

@@ -105,13 +105,8 @@ def run_index(args) -> None:
 def rag_answerer(args, index, model, guardrails):
     from llm.apps.grounding import answer_question
 
-    def generate_text(prompt: str) -> tuple[str, str]:
-        text, finish_reason, _ = model.complete(prompt)
-        return text, finish_reason
-
     def answer(question: str):
-        return answer_question(question, index, generate_text, model.render, model.count_tokens, model.budget,
-                               args.top_k, args.retriever, args.min_relevance, guardrails)  # fmt: skip
+        return answer_question(question, index, model, args.top_k, args.retriever, args.min_relevance, guardrails)
 
     return answer
 

@@ -25,7 +25,7 @@ MIN_SOURCE_CHARS = 40  # a source cut shorter than this says too little to inclu
 
 @dataclass
 class GroundedPrompt:
-    text: str
+    prompt: object  # what render returned: token ids in the model's template
     hits: list[Hit]  # the sources in the prompt, numbered 1..n in this order
 
 
@@ -37,9 +37,10 @@ def source_block(sources: list[tuple[Hit, str]]) -> str:
 
 def ground(question: str, hits: list[Hit], render, count_tokens, budget: int) -> GroundedPrompt:
     """The prompt with as many of `hits` (best first) as fit in `budget` tokens; the last one
-    that fits only in part is cut short. render(system, user) -> prompt; count_tokens(text) -> int."""
+    that fits only in part is cut short. render(system, user) -> prompt (ids in the model's
+    template); count_tokens(prompt) -> int."""
 
-    def prompt(sources: list[tuple[Hit, str]]) -> str:
+    def prompt(sources: list[tuple[Hit, str]]):
         return render(RULES, f"Sources:\n{source_block(sources)}\n\nQuestion: {question}" if sources
                       else f"Question: {question}")  # fmt: skip
 
@@ -66,8 +67,8 @@ class RagAnswer:
     question: str
     answer: str
     sources: list[Hit]
-    finish_reason: str  # stop, length, content_filter, not_found
-    prompt: str = ""
+    finish_reason: str  # stop, length, content_filter, not_found (nothing relevant: the model was not asked)
+    prompt: str = ""  # the prompt as text, for the log
     interventions: list[Intervention] = field(default_factory=list)
     latency_ms: float = 0.0
 
@@ -79,24 +80,24 @@ class RagAnswer:
                 "answer": self.answer}  # fmt: skip
 
 
-def answer_question(question: str, index, generate_text, render, count_tokens, budget: int, k: int = 5,
-                    retriever: str = "auto", min_relevance: float | None = None,
-                    guardrails: Guardrails | None = None) -> RagAnswer:  # fmt: skip
-    """Retrieve, screen the sources, ground and answer. generate_text(prompt) -> (text, finish_reason)."""
+def answer_question(question: str, index, model, k: int = 5, retrieve: str = "auto",
+                    min_relevance: float | None = None, guardrails: Guardrails | None = None) -> RagAnswer:  # fmt: skip
+    """Retrieve, screen the sources, ground and answer. `model`: a llm.apps.prompting.PromptedModel
+    (render, count_tokens, budget, complete, text)."""
     started = time.perf_counter()
     guardrails = guardrails or Guardrails()
     guardrails.check_input(question)
-    retriever = index.resolve_retriever(retriever)
+    retriever = index.resolve_retriever(retrieve)
     threshold = DEFAULT_MIN_RELEVANCE[retriever] if min_relevance is None else min_relevance
     hits, interventions = guardrails.screen_sources(index.search(question, k, retriever))
     relevant = [h for h in hits if h.relevance >= threshold]
     if not relevant:
         return RagAnswer(question, NOT_FOUND, [], "not_found", "", interventions,
                          1000 * (time.perf_counter() - started))  # fmt: skip
-    prompt = ground(question, relevant, render, count_tokens, budget)
-    text, finish_reason = generate_text(prompt.text)
+    grounded = ground(question, relevant, model.render, model.count_tokens, model.budget)
+    text, finish_reason, _ = model.complete(grounded.prompt)
     text, filtered = guardrails.filter_output(text)
     if filtered:
         finish_reason = "content_filter"
-    return RagAnswer(question, text.strip(), prompt.hits, finish_reason, prompt.text, interventions + filtered,
-                     1000 * (time.perf_counter() - started))  # fmt: skip
+    return RagAnswer(question, text.strip(), grounded.hits, finish_reason, model.text(grounded.prompt),
+                     interventions + filtered, 1000 * (time.perf_counter() - started))  # fmt: skip

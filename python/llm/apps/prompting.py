@@ -1,53 +1,57 @@
-"""A system message, few-shot examples and a user message -> the prompt text for a model,
-in the template the model was trained with.
+"""A system message, few-shot examples and a user message -> the prompt ids for a model, in
+the template it was trained with, and greedy (or sampled) completions of them.
 
-  instruct   the instruction template (llm.prompt_template): the system message and the
-             examples lead the instruction, the user's text follows
+  instruct   the model's chat template (llm.chat_template, recorded in its checkpoint): the
+             system message first; the examples as earlier user / assistant turns ("chat"),
+             or, for the single-turn "alpaca" template, written into the user's message
   lm         plain text: the system message, then "Input: ... / Output: ..." pairs, then the
              user's input and "Output:" for the model to complete
 
-Few-shot examples are instruction records (llm.finetune.datasets: JSONL or a JSON list of
-{"instruction", "input"?, "output"}), the same format fine-tuning reads.
+Few-shot examples are instruction records (llm.finetune.datasets: {"instruction", "input"?,
+"output"}), the format fine-tuning reads.
 """
 
 from __future__ import annotations
 
+from llm.chat_template import ChatTemplate, Message
 from llm.finetune.datasets import Instruction
-from llm.prompt_template import format_prompt
-
-TEMPLATES = {"instruct": "alpaca", "lm": "plain"}
 
 
 def example_text(example: Instruction) -> str:
     return example.instruction + (f"\n{example.input}" if example.input else "")
 
 
-def render_prompt(task: str, user: str, system: str | None = None, examples: list[Instruction] = (),
-                  user_input: str | None = None) -> str:  # fmt: skip
-    """The prompt for a model of `task` ("lm" or "instruct"); `user_input`: the instruction's input."""
-    shots = [(example_text(e), e.output) for e in examples]
-    if task == "instruct":
-        lead = "".join(f"{s}\n\n" for s in [system] if s)
-        lead += "".join(f"Example:\n{question}\nAnswer: {answer}\n\n" for question, answer in shots)
-        return format_prompt(lead + user, user_input)
+def render_messages(template: ChatTemplate, user: str, system: str | None = None,
+                    examples: list[Instruction] = ()) -> list[Message]:  # fmt: skip
+    """The conversation for a chat template: system, examples as turns (or inline), user."""
+    messages = [Message("system", system)] if system else []
+    if template.name == "alpaca":  # single-turn: the examples lead the user's message
+        shots = "".join(f"Example:\n{example_text(e)}\nAnswer: {e.output}\n\n" for e in examples)
+        return messages + [Message("user", shots + user)]
+    for example in examples:
+        messages += [Message("user", example_text(example)), Message("assistant", example.output)]
+    return messages + [Message("user", user)]
+
+
+def plain_prompt(user: str, system: str | None = None, examples: list[Instruction] = ()) -> str:
+    """The same for a plain language model, which has no template: a text to continue."""
     text = "".join(f"{s}\n\n" for s in [system] if s)
-    text += "".join(f"Input: {question}\nOutput: {answer}\n\n" for question, answer in shots)
-    return text + f"Input: {user}" + (f"\n{user_input}" if user_input else "") + "\nOutput:"
+    text += "".join(f"Input: {example_text(e)}\nOutput: {e.output}\n\n" for e in examples)
+    return text + f"Input: {user}\nOutput:"
 
 
 class PromptedModel:
-    """A model, its tokenizer and its task, with what the applications need from it: the
-    prompt in its template, token counts, and greedy (or sampled) completions that stop at
-    <|endoftext|>, at a stop string, or when the context is full."""
+    """A model, its tokenizer and its template, with what the applications need from it:
+    prompts in its template, and completions that stop at <|endoftext|>, at a stop string, or
+    when the context is full."""
 
-    def __init__(self, model, tokenizer, task: str = "lm", max_new_tokens: int = 64, seed: int = 1337, **sampling):
-        if task not in TEMPLATES:
-            raise ValueError(f"a {task} model does not generate text; use an lm or instruct checkpoint")
-        self.model, self.tokenizer, self.task = model, tokenizer, task
+    def __init__(self, model, tokenizer, template: ChatTemplate | None = None, max_new_tokens: int = 64,
+                 seed: int = 1337, **sampling):  # fmt: skip
+        self.model, self.tokenizer, self.chat = model, tokenizer, template
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.sampling = {"temperature": 0.0, **sampling}
         self.context = model.config.context_length
-        self.template = TEMPLATES[task]
+        self.template = template.name if template else "plain"  # what the application log records
         if self.budget < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
                              f"{self.context}-token context")
@@ -57,21 +61,28 @@ class PromptedModel:
         """Prompt tokens that still leave room for max_new_tokens."""
         return self.context - self.max_new_tokens
 
-    def render(self, system: str | None, user: str, examples: list[Instruction] = ()) -> str:
-        return render_prompt(self.task, user, system, examples)
+    def render(self, system: str | None, user: str, examples: list[Instruction] = ()) -> list[int]:
+        if self.chat is None:
+            return self.tokenizer.encode_ordinary(plain_prompt(user, system, examples))
+        return self.chat.prompt_ids(render_messages(self.chat, user, system, examples), self.tokenizer)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, allowed_special="all"))
+    def count_tokens(self, prompt: list[int]) -> int:
+        return len(prompt)
 
-    def complete(self, prompt: str, stop: list[str] = ()) -> tuple[str, str, int]:
-        """(text, finish_reason, tokens generated): "stop" at <|endoftext|>, "stop_string" at one
-        of `stop` (cut from the text), "length" when max_new_tokens or the context ran out."""
+    def text(self, prompt: list[int]) -> str:
+        return self.tokenizer.decode(prompt)
+
+    def complete(self, prompt: list[int], stop: list[str] = (), continuation: str = "") -> tuple[str, str, int]:
+        """(text, finish_reason, tokens generated) after the prompt ids and `continuation` (text
+        the reply already holds, e.g. tool calls and results): "stop" at <|endoftext|>,
+        "stop_string" at one of `stop` (cut from the text), "length" when max_new_tokens or
+        the context ran out."""
         import torch
 
         from llm.generate import stream_tokens
         from llm.text_stream import TextStream
 
-        ids = self.tokenizer.encode(prompt, allowed_special="all") or [self.tokenizer.eot_token]
+        ids = list(prompt) + self.tokenizer.encode_ordinary(continuation)
         if len(ids) >= self.context:
             raise ValueError(f"the prompt takes {len(ids)} tokens, the model's context is {self.context}; "
                              "shorten it")
@@ -97,9 +108,14 @@ class PromptedModel:
 
 def load_prompted_model(source: str, device: str = "auto", use_fused: bool = False, **settings) -> PromptedModel:
     """An llm checkpoint or GPT-2 folder, ready to prompt; settings as for PromptedModel."""
+    from llm.chat_template import checkpoint_template
     from llm.checkpoint import checkpoint_task
     from llm.runtime import resolve_device
     from llm.weights import load_model_source
 
     model, tokenizer, saved = load_model_source(source, use_fused=use_fused)
-    return PromptedModel(model.to(resolve_device(device)), tokenizer, checkpoint_task(saved), **settings)
+    task = checkpoint_task(saved)
+    if task == "classify":
+        raise ValueError(f"{source} is a classifier (task classify): it predicts labels, not text")
+    template = checkpoint_template(saved) if task == "instruct" else None
+    return PromptedModel(model.to(resolve_device(device)), tokenizer, template, **settings)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from llm.apps.guardrails import Intervention
-from llm.apps.prompting import PromptedModel
+from llm.apps.prompting import PromptedModel, example_text
 from llm.apps.tools import ToolRegistry, ToolResult
 from llm.tool_calls import CALL_END, CALL_START, RESULT_END, format_tool_result, parse_tool_call
 
@@ -31,10 +31,11 @@ class ToolUseAnswer:
     tokens: int = 0
 
 
-def answer_with_tools(model: PromptedModel, prompt: str, tools: ToolRegistry, max_calls: int) -> ToolUseAnswer:
+def answer_with_tools(model: PromptedModel, prompt: list[int], tools: ToolRegistry, max_calls: int) -> ToolUseAnswer:
+    """The model's reply to `prompt` (ids in its template), tool calls run as it makes them."""
     result = ToolUseAnswer("", "")
     while True:
-        text, finish_reason, count = model.complete(prompt + result.transcript, stop=[CALL_END])
+        text, finish_reason, count = model.complete(prompt, stop=[CALL_END], continuation=result.transcript)
         result.tokens += count
         start = text.find(CALL_START)
         if start < 0 or finish_reason != "stop_string":
@@ -73,7 +74,7 @@ def arithmetic_accuracy(model: PromptedModel, records: list, tools: ToolRegistry
     correct, answers = 0, []
     for record in records:
         expected = record.output.rsplit(RESULT_END, 1)[-1].strip()
-        prompt = model.render(None, record.instruction)
+        prompt = model.render(None, example_text(record))
         if tools is not None:
             reply = answer_with_tools(model, prompt, tools, max_calls).transcript
         else:
