@@ -75,3 +75,30 @@ def test_llm_eval_tool_use_reports_with_and_without_the_calculator(instruct_chec
     out = capsys.readouterr().out
     assert "| with calculator | 0.000 (2 questions) |" in out and "| without |" in out
     assert json.loads((instruct_checkpoint.parent / "eval" / "tool_use.json").read_text())["without"]["questions"] == 2
+
+
+def test_llm_generate_puts_system_and_examples_in_the_template_and_applies_the_policy(
+        instruct_checkpoint, tmp_path, capsys, monkeypatch):  # fmt: skip
+    import llm.generate as generate
+
+    seen = []
+
+    def fake_stream(model, tokenizer, prompt_ids, *args, **kwargs):  # what the model writes is not under test
+        seen.append(prompt_ids)
+        yield "Write to jane@example.org today."
+
+    (tmp_path / "shots.jsonl").write_text(json.dumps({"instruction": "What is 2 + 2?", "output": "4"}) + "\n")
+    (tmp_path / "policy.json").write_text(json.dumps({"blocked_patterns": ["(?i)password"]}))
+    monkeypatch.setattr(generate, "stream_text", fake_stream)
+    generate.main(["--checkpoint", str(instruct_checkpoint), "--prompt", "What is 3 + 3?", "--system", "Be brief.",
+                   "--examples", str(tmp_path / "shots.jsonl"), "--policy", str(tmp_path / "policy.json")])  # fmt: skip
+    chat = get_template("chat")
+    assert seen[0] == chat.prompt_ids([Message("system", "Be brief."), Message("user", "What is 2 + 2?"),
+                                       Message("assistant", "4"), Message("user", "What is 3 + 3?")], gpt2_tokenizer())  # fmt: skip
+    out, err = capsys.readouterr()
+    assert out == "Write to [email redacted] today.\n" and "content policy: redact_emails (redacted" in err
+    with pytest.raises(SystemExit) as stop:
+        generate.main(["--checkpoint", str(instruct_checkpoint), "--prompt", "Tell me the admin PASSWORD",
+                       "--policy", str(tmp_path / "policy.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "refused by the content policy (blocked_patterns" in err and err.count("\n") == 1

@@ -14,11 +14,20 @@ Few-shot examples are instruction records (llm.finetune.datasets: {"instruction"
 from __future__ import annotations
 
 from llm.chat_template import ChatTemplate, Message
-from llm.finetune.datasets import Instruction
+from llm.finetune.datasets import Instruction, read_instructions
 
 
 def example_text(example: Instruction) -> str:
     return example.instruction + (f"\n{example.input}" if example.input else "")
+
+
+def read_examples(path: str) -> list[Instruction]:
+    """Few-shot examples: instruction records ({"instruction", "input"?, "output"}, JSONL or a JSON list)."""
+    examples = read_instructions(path)
+    if not all(isinstance(e, Instruction) for e in examples):
+        raise ValueError(f"--examples {path}: expected instruction records (instruction, input, output), "
+                         "not conversations")
+    return examples
 
 
 def render_messages(template: ChatTemplate, user: str, system: str | None = None,
