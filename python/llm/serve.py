@@ -6,13 +6,15 @@
          -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
 The model loads once; requests are decoded together, one forward per step for all of
-them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. SIGTERM or
+them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. Chat with
+--rag-index (grounded answers, "sources" in the response), --policy (guardrails),
+--app-log, and OpenAI "tools": llm.serving.applications. SIGTERM or
 Ctrl-C: no new requests (503), those in flight get --drain-timeout seconds, exit status 0.
 """
 
 from __future__ import annotations
 
-from llm.cli import command, device_name, float_in, int_in, new_parser
+from llm.cli import command, device_name, existing_file, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
 from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
@@ -38,7 +40,25 @@ def build_parser():
                         help="on SIGTERM / Ctrl-C, seconds the requests in flight may still take (default %(default)s)")
     parser.add_argument("--model-name", help="the model id clients pass (default: the --checkpoint file or folder name)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    applications = parser.add_argument_group("applications (chat; see llm.serving.applications)")
+    applications.add_argument("--rag-index", default=None,
+                              help="answer chat from this llm-rag index; the sources come back in 'sources'")  # fmt: skip
+    applications.add_argument("--policy", type=existing_file, default=None, help="a guardrail policy file (JSON)")
+    applications.add_argument("--app-log", default=None, help="append one JSON line per chat answer to this file")
+    applications.add_argument("--app-log-content", action="store_true", help="the log includes messages and answers")
     return parser
+
+
+def chat_applications(args):
+    """Guardrails, grounding and the application log from the options (llm.serving.applications)."""
+    from llm.apps.app_log import AppLog
+    from llm.apps.guardrails import Guardrails, load_policy
+    from llm.apps.index import RetrievalIndex
+    from llm.serving.applications import ChatApplications
+
+    return ChatApplications(Guardrails(load_policy(args.policy)) if args.policy else None,
+                            RetrievalIndex.load(args.rag_index) if args.rag_index else None,
+                            AppLog(args.app_log, args.app_log_content))  # fmt: skip
 
 
 @command(PROG)
@@ -53,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)
     app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
-                     drain_timeout_s=args.drain_timeout)
+                     drain_timeout_s=args.drain_timeout, applications=chat_applications(args))
     print(f"{PROG}: serving {served.name!r} ({served.task}, {served.model.num_parameters():,} parameters) "
           f"on {served.device}", flush=True)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -52,8 +52,10 @@ from starlette.exceptions import HTTPException
 
 from llm.chat_template import Message
 from llm.generate import check_sampling
+from llm.tool_calls import CALL_END
 from llm.serving.engine import (DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, BatchingEngine, EngineBusy,
                                 EngineUnavailable, GenerationRequest, Sampling)
+from llm.serving.applications import ChatApplications, as_stream
 from llm.serving.loading import ServedModel
 from llm.serving.schemas import (MAX_STOP_SEQUENCES, ApiError, ChatCompletionRequest, CompletionRequest,
                                  SamplingFields, validation_error)
@@ -82,9 +84,11 @@ class RequestRecord:
 
 def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, queue_size: int = DEFAULT_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-               max_body_bytes: int | None = None) -> FastAPI:
+               max_body_bytes: int | None = None, applications: ChatApplications | None = None) -> FastAPI:
     """The app serving `served`; its engine thread starts and stops with the app's lifespan.
-    max_body_bytes None: 8 x the longest prompt the context can hold, at least 1 MiB."""
+    max_body_bytes None: 8 x the longest prompt the context can hold, at least 1 MiB.
+    applications: guardrails, grounding and the application log for chat (llm.serving.applications)."""
+    applications = applications or ChatApplications()
     engine = BatchingEngine(served.model, served.tokenizer, max_batch=max_concurrency, max_queue=queue_size)
     tokenizer = served.tokenizer
     context = served.model.config.context_length
@@ -166,18 +170,27 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if served.template is None:
             raise ApiError(400, f"model {served.name!r} is not instruction-tuned (task {served.task!r}); "
                                 "use /v1/completions", param="model", code="not_a_chat_model")
-        messages = chat_messages(body)
-        check_prompt_bytes(sum(len(m.content.encode()) for m in messages), "messages")
-        try:
-            prompt_ids = await asyncio.to_thread(served.template.prompt_ids, messages, tokenizer)
-        except ValueError as error:
-            raise ApiError(400, str(error), param="messages") from None
+        check_prompt_bytes(sum(len(m.text().encode()) for m in body.messages), "messages")
         field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = checked_max_tokens(getattr(body, field_name), len(prompt_ids), "messages", field_name)
+        plan = await asyncio.to_thread(applications.plan, body, served.template, tokenizer, context,
+                                       getattr(body, field_name))  # fmt: skip
+        if plan.answer is not None:  # grounded, and nothing relevant: no model needed
+            response = applications.direct_response(plan, served.name, served.template)
+            return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if body.stream \
+                else response
+        max_tokens = checked_max_tokens(getattr(body, field_name), len(plan.prompt_ids), "messages", field_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         sampling = checked_sampling(body, (body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=False)
-        return await generate("chat", body, [prompt_ids], max_tokens, sampling, request)
+        if not applications.active(body):
+            return await generate("chat", body, [plan.prompt_ids], max_tokens, sampling, request)
+        # Checked before it is sent: generated whole, then filtered (and streamed as chunks if asked).
+        whole = body.model_copy(update={"stream": False, "stop": checked_stop(body.stop) + [CALL_END]})
+        response = await generate("chat", whole, [plan.prompt_ids], max_tokens, sampling, request)
+        if not isinstance(response, dict):  # the client went away
+            return response
+        response = applications.finish(response, plan, served.template)
+        return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if body.stream else response
 
     # ------------------------------------------------------------------ checks (before any work)
     def check_model(model: str | None) -> None:
@@ -550,11 +563,6 @@ def max_token_bytes(tokenizer) -> int:
 
 def user_hash(user: str | None) -> str | None:
     return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
-
-
-def chat_messages(body: ChatCompletionRequest) -> list[Message]:
-    """The request's messages for the chat template ("developer" is OpenAI's newer "system")."""
-    return [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
 
 
 def checked_stop(stop: str | list[str] | None) -> list[str]:

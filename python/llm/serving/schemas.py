@@ -22,7 +22,7 @@ MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (as OpenAI)
 # OpenAI request fields that are recognised but not implemented: a 400 names them.
 UNSUPPORTED_FIELDS = {
     "completions": ("suffix", "best_of"),
-    "chat": ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "chat": ("parallel_tool_calls", "functions", "function_call", "response_format",
              "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "store", "metadata",
              "service_tier"),
 }
@@ -70,12 +70,45 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's convention)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of an object (llm.apps.tools checks calls against it)
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's new name for system
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's new name for system
     content: str | list[TextPart] | None = None
     name: str | None = None  # accepted, not part of the prompt
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -88,6 +121,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens; wins when both are given
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolSpec] | None = None  # the model may answer with tool_calls (llm.serving.applications)
+    tool_choice: Literal["auto", "none"] | None = None
     # max_tokens None: up to the end of the model's context
 
 
