@@ -341,7 +341,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT + [{"role": "assistant", "content": "x"}]}, 400, "messages", "user"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", "context"),
     ("/v1/chat/completions", {"messages": CHAT, "n": 9}, 400, "n", "less than or equal to 8"),
-    ("/v1/chat/completions", {"messages": CHAT, "tools": []}, 400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "parallel_tool_calls": True}, 400, "parallel_tool_calls", "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools.0.function.name", "pattern"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs: true"),
     ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", "boolean"),
 ]
