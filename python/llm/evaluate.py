@@ -152,14 +152,16 @@ def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_
     """Each prompt variant over the labelled records; writes prompts.json to out_dir."""
     from llm.apps.prompt_variants import evaluate_variant, read_variants, variants_table
     from llm.apps.prompting import load_prompted_model
-    from llm.finetune.datasets import read_instructions
+    from llm.finetune.datasets import Instruction, read_instructions
     from llm.finetune.tasks import load_examples
 
     if not data:
         raise ValueError("--prompts needs --data: a labelled set of instruction records (or a built-in dataset name)")
     variants = read_variants(prompts)
     records = load_examples(FinetuneConfig(task="instruct", init_from=checkpoint, data=data), read_instructions)
-    records = records[: answer_count or 30]
+    records = [r for r in records if isinstance(r, Instruction)][: answer_count or 30]  # single-turn records
+    if not records:
+        raise ValueError(f"--data {' '.join(data)}: no single-turn instruction records to compare prompts on")
     model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
     results = {variant.name: evaluate_variant(model, variant, records) for variant in variants}
     table = variants_table(results)

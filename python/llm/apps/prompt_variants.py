@@ -9,7 +9,8 @@ few-shot "examples" (instruction records) and a "template" for the user's messag
      {"name": "step-by-step", "template": "{input}\\nThink step by step, then answer."},
      {"name": "terse", "system": "Answer with one word."}]
 
-The labelled set is instruction records (JSONL or a JSON list: instruction, input?, output).
+The labelled set is single-turn instruction records (JSONL or a JSON list: instruction,
+input?, output; conversations in it are left out).
 Per variant: exact match, contains-answer (the expected output appears in the answer as
 words), mean answer length in tokens, and generation speed in tokens per second.
 """
