@@ -70,33 +70,31 @@ class TextPart(BaseModel):
     text: str
 
 
-class FunctionCall(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown fields and wrong types are 400s, as for every body here."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+class FunctionCall(StrictModel):
     name: str
     arguments: str  # a JSON object, as text (OpenAI's convention)
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ToolCall(StrictModel):
     id: str
     type: Literal["function"]
     function: FunctionCall
 
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class FunctionSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
     description: str | None = None
     parameters: dict | None = None  # a JSON schema of an object (llm.apps.tools checks calls against it)
     strict: bool | None = None
 
 
-class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ToolSpec(StrictModel):
     type: Literal["function"]
     function: FunctionSpec
 
