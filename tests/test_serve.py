@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import pytest
@@ -366,15 +367,16 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
         assert err.splitlines()[-1].startswith("llm-serve: error:")
 
 
-def test_llm_serve_command_serves_and_stops(lm_ckpt):
-    with serve_in_subprocess(["--ckpt", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+def test_llm_serve_command_serves_and_stops_on_sigterm(lm_ckpt):
+    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
                               "--model-name", "tiny"], startup_timeout_s=60) as server:
         response = httpx.post(f"{server.base_url}/v1/completions",
                               json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200 and response.json()["model"] == "tiny"
-    # stopped with Ctrl-C: uvicorn shuts down gracefully
+        server.process.send_signal(signal.SIGTERM)  # drains (nothing in flight), then exits
+        server.process.wait(30)
     assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
-    assert "serving 'tiny' (lm" in server.output
+    assert "serving 'tiny' (lm" in server.output and "llm-serve: stopped" in server.output
 
 
 def test_load_benchmark_writes_its_figures(tmp_path):
