@@ -382,13 +382,15 @@ def test_llm_serve_command_serves_and_stops_on_sigterm(lm_ckpt):
 def test_load_benchmark_writes_its_figures(tmp_path):
     from benchmarks.serve import main as benchmark_main
 
-    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--batch", "2", "--prompt-tokens", "8", "--max-tokens", "4",
-            "--out", str(tmp_path)]
+    argv = ["--device", "cpu", "--requests", "4", "--clients", "1", "--clients", "3", "--prompt-tokens", "8",
+            "--max-tokens", "4", "--out", str(tmp_path)]
     assert benchmark_main(argv) == 0
     run = json.loads((tmp_path / "results.json").read_text())
-    assert [r["max_concurrency"] for r in run["results"]] == [2]
+    assert run["settings"]["max_concurrency"] == 3 and [r["clients"] for r in run["results"]] == [1, 3]
+    assert [r["requests"] for r in run["results"]] == [4, 6]  # at least two per client
     for result in run["results"]:
-        assert result["ok"] == 4 and result["completion_tokens"] > 0
+        assert result["ok"] == result["requests"] and result["completion_tokens"] > 0 and result["tokens_per_s"] > 0
         assert result["requests_per_s"] > 0 and 0 < result["latency_p50_s"] <= result["latency_p99_s"]
-    assert "| 2 | 4 / 4 |" in (tmp_path / "results.md").read_text()
+    assert run["results"][0]["rows_per_step"] == 1 and run["results"][1]["rows_per_step"] > 1  # batched
+    assert "| 3 | 6 / 6 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
