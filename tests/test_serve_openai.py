@@ -71,19 +71,21 @@ def test_sync_client_completions_and_chat_streamed_and_not(client, chat_ckpt, ca
 
 def test_async_client_concurrent_greedy_output_equals_the_librarys(server, chat_ckpt):
     prompts = ["the", "the quick brown", "lazy dog", "over the lazy", "fox", "jumps over", "quick", "dog; the"]
+    lengths = [12, 3, 9, 5, 14, 4, 7, 10]  # rows finish at different steps: freed rows are refilled
 
     async def ask_all():
         async with openai.AsyncOpenAI(base_url=server[0], api_key="unused", max_retries=0) as client:
-            async def streamed(prompt):
-                stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+            async def streamed(prompt, length):
+                stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=length, temperature=0,
                                                          stream=True)
                 return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
-            plain = [client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0) for p in prompts]
-            return await asyncio.gather(*plain, *map(streamed, prompts))
+            plain = [client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0)
+                     for p, n in zip(prompts, lengths)]
+            return await asyncio.gather(*plain, *map(streamed, prompts, lengths))
 
     answers = asyncio.run(ask_all())
-    expected = [library_completion(chat_ckpt, p, 10, temperature=0) for p in prompts]
+    expected = [library_completion(chat_ckpt, p, n, temperature=0) for p, n in zip(prompts, lengths)]
     assert all(isinstance(a, openai.types.Completion) for a in answers[: len(prompts)])
     assert [a.choices[0].text for a in answers[: len(prompts)]] == expected
     assert answers[len(prompts):] == expected
