@@ -8,9 +8,12 @@ import json
 
 import pytest
 import torch
+from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
+import llm.generate
 from llm.chat_template import Message, checkpoint_template, get_template
 from llm.finetune.datasets import Conversation, Instruction, read_instructions
+from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.finetune.instruct import IGNORE, InstructionSet, held_out_turn
 from llm.tokenizer import gpt2_tokenizer
 
@@ -96,3 +99,16 @@ def test_openai_fine_tuning_records_train_on_assistant_turns_only(tmp_path, toke
         with pytest.raises(ValueError, match=rf"chat.jsonl, line 2: .*{words}"):
             read_instructions(path)
 
+
+
+@pytest.mark.parametrize("recorded", [None, "chat"])
+def test_llm_generate_prompts_an_instruction_model_in_its_own_template(tmp_path, monkeypatch, tokenizer, recorded):
+    checkpoint = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt.pt"))
+    checkpoint.update(task="instruct", **({"chat_template": recorded} if recorded else {}))
+    save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
+    seen = []
+    monkeypatch.setattr(llm.generate, "stream_text", lambda model, tok, ids, *a, **k: seen.append(ids) or iter(["ok"]))
+    llm.generate.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Name the play.", "--input", "To be",
+                       "--device", "cpu"])
+    template = get_template(recorded or "alpaca")  # no record: an older, Alpaca-trained fine-tune
+    assert seen == [template.prompt_ids(template.instruction_messages("Name the play.", "To be"), tokenizer)]

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from finetune_helpers import one_thread  # noqa: F401
+from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
 from serve_helpers import (CONTEXT, HTTP_TIMEOUT, chat_ckpt, health, instruct_ckpt, instruct_server,  # noqa: F401
                            library_completion, lm_ckpt, running, slowed, sse_events, tokenizer, write_checkpoint)
 
@@ -69,8 +69,6 @@ def test_row_cache_batched_decode_matches_one_sequence_at_a_time(generator):
         model(torch.cat([prompts[2], *[s[2:3] for s in steps]], dim=1), kv_cache=cache)
         nxt = torch.randint(0, 97, (1, 1), generator=generator)
         torch.testing.assert_close(model(nxt, kv_cache=rows)[0], model(nxt, kv_cache=cache)[0], rtol=0, atol=1e-5)
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_sequences():

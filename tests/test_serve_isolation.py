@@ -25,12 +25,10 @@ from llm.serving.engine import BatchingEngine, EngineUnavailable, GenerationRequ
 from llm.serving.loading import load_served_model
 from llm.serving.server import DrainingServer
 from llm.text_stream import TextStream
-from finetune_helpers import one_thread  # noqa: F401
+from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
 from serve_helpers import instruct_ckpt, running, slowed, sse_events, tokenizer  # noqa: F401
 
 MAX_BATCH, MAX_QUEUE = 2, 4
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +199,8 @@ def test_the_http_side_gives_up_on_its_own_when_the_engine_never_answers(instruc
 def test_null_max_tokens_on_completions_is_16(instruct_ckpt):
     """Review defect 5: max_tokens null meant the whole remaining context."""
     with running(load_served_model(instruct_ckpt, device="cpu")) as client:
+        records = []
+        client.server_app.state.request_listeners.append(records.append)  # the hook metrics and logs use
         nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None, "seed": None,
                  "stream": None, "stream_options": None, "presence_penalty": None, "frequency_penalty": None,
                  "logit_bias": None, "user": None, "echo": None, "logprobs": None, "model": None}
@@ -209,6 +209,8 @@ def test_null_max_tokens_on_completions_is_16(instruct_ckpt):
         assert body["usage"]["completion_tokens"] <= 16
         body = client.post("/v1/completions", json={"prompt": "the", **nulls}).json()
         assert body["usage"]["completion_tokens"] <= 16 and len(body["choices"]) == 1
+    assert len(records) == 2 and records[-1].endpoint == "completions" and records[-1].status == 200
+    assert records[-1].completion_tokens == body["usage"]["completion_tokens"] and records[-1].user_hash is None
 
 
 def test_big_prompts_are_refused_before_work_and_do_not_delay_small_requests(instruct_ckpt):

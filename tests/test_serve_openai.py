@@ -16,13 +16,11 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from finetune_helpers import one_thread  # noqa: F401
+from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
 from serve_helpers import chat_ckpt, library_completion, running, tokenizer  # noqa: F401
 
 from llm.chat_template import Message, get_template
 from llm.serving.loading import load_served_model
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 MODEL = "chat.pt"  # the checkpoint's file name is its model id
 
 

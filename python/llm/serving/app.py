@@ -283,13 +283,13 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if echo:
             reply.echo_ids = [prompt_ids[index // n] for index in range(len(rows))]
             reply.echo = [tokenizer.decode(ids) for ids in reply.echo_ids]
-        answer = _Answer(rows, events, record, loop.time() + timeout_s + BACKSTOP_GRACE_S)
+        answer = _Answer(rows, events, record, loop.time() + timeout_s + BACKSTOP_GRACE_S, notify)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(reply, answer, include_usage), media_type="text/event-stream")
         return await collect(reply, answer, request)
 
-    async def next_event(answer: "_Answer", timeout: float | None = None):
+    async def next_event(answer: _Answer, timeout: float | None = None):
         """(index, event) of the next event, or None past the backstop deadline."""
         remaining = answer.backstop - asyncio.get_running_loop().time()
         try:
@@ -370,53 +370,56 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             except Exception:  # a listener's bug never fails the request
                 log.exception("request listener failed")
 
-    class _Answer:
-        """The choices of one request as their events arrive."""
-
-        def __init__(self, rows: list[GenerationRequest], events: asyncio.Queue, record: RequestRecord, backstop: float):
-            self.rows, self.events, self.record, self.backstop = rows, events, record, backstop
-            self.texts = [[] for _ in rows]
-            self.tokens = [[] for _ in rows]  # per choice: its token events (for logprobs)
-            self.prompt_logprobs: list[dict | None] = [None] * len(rows)
-            self.ends: list[dict | None] = [None] * len(rows)
-            self.started = time.monotonic()
-            self.recorded = False
-
-        @property
-        def finished(self) -> bool:
-            return all(end is not None for end in self.ends)
-
-        def take(self, index: int, event: dict) -> None:
-            if event["type"] == "prompt":
-                self.prompt_logprobs[index] = event
-            elif event["type"] == "text":
-                self.texts[index].append(event["text"])
-                self.tokens[index].append(event)
-            else:
-                self.ends[index] = event
-                if event["type"] == "done":
-                    self.texts[index].append(event["text"])
-
-        def usage(self) -> dict:
-            prompt = self.record.prompt_tokens
-            completion = sum(end.get("completion_tokens", 0) for end in self.ends if end is not None)
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-        def done(self, response, status: int):
-            if not self.recorded:
-                self.recorded = True
-                self.record.status = status
-                self.record.completion_tokens = self.usage()["completion_tokens"]
-                self.record.finish_reasons = [end.get("finish_reason") if end else None for end in self.ends]
-                self.record.latency_s = time.monotonic() - self.started
-                notify(self.record)
-            return response
-
-        def cancel(self) -> None:
-            for row in self.rows:
-                row.cancel()
-
     return app
+
+
+class _Answer:
+    """The choices of one request as their events arrive; `done` hands its RequestRecord to
+    `notify` once."""
+
+    def __init__(self, rows: list[GenerationRequest], events: asyncio.Queue, record: RequestRecord, backstop: float,
+                 notify: Callable[[RequestRecord], None]):
+        self.rows, self.events, self.record, self.backstop, self.notify = rows, events, record, backstop, notify
+        self.texts = [[] for _ in rows]
+        self.tokens = [[] for _ in rows]  # per choice: its token events (for logprobs)
+        self.prompt_logprobs: list[dict | None] = [None] * len(rows)
+        self.ends: list[dict | None] = [None] * len(rows)
+        self.started = time.monotonic()
+        self.recorded = False
+
+    @property
+    def finished(self) -> bool:
+        return all(end is not None for end in self.ends)
+
+    def take(self, index: int, event: dict) -> None:
+        if event["type"] == "prompt":
+            self.prompt_logprobs[index] = event
+        elif event["type"] == "text":
+            self.texts[index].append(event["text"])
+            self.tokens[index].append(event)
+        else:
+            self.ends[index] = event
+            if event["type"] == "done":
+                self.texts[index].append(event["text"])
+
+    def usage(self) -> dict:
+        prompt = self.record.prompt_tokens
+        completion = sum(end.get("completion_tokens", 0) for end in self.ends if end is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def done(self, response, status: int):
+        if not self.recorded:
+            self.recorded = True
+            self.record.status = status
+            self.record.completion_tokens = self.usage()["completion_tokens"]
+            self.record.finish_reasons = [end.get("finish_reason") if end else None for end in self.ends]
+            self.record.latency_s = time.monotonic() - self.started
+            self.notify(self.record)
+        return response
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancel()
 
 
 class _Reply:
