@@ -252,6 +252,9 @@ def test_big_prompts_are_refused_before_work_and_do_not_delay_small_requests(ins
         over = "fox " * (limits["max_prompt_bytes"] // 4 + 1)
         refused, refused_s = timed(lambda: client.post("/v1/completions", json={"prompt": over}))
         assert refused == 400
+        chunked = client.post("/v1/completions", content=(b"x" * 2**16 for _ in range(limits["max_body_bytes"] // 2**16 + 1)),
+                              headers={"Content-Type": "application/json"})  # no Content-Length: cut off while read
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
     print(f"\n5-token request: {alone:.3f} s alone, {during_s:.3f} s during eight 10 MB prompts "
           f"(burst answered in {burst_s:.2f} s); {len(over):,}-byte prompt refused in {refused_s:.3f} s")
     assert during_s < alone + 0.5, (alone, during_s)

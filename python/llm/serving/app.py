@@ -118,7 +118,8 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return ApiError(error.status_code, str(error.detail), headers=error.headers).response()
+        code = "request_too_large" if error.status_code == 413 else None  # BodySizeLimit's
+        return ApiError(error.status_code, str(error.detail), code=code, headers=error.headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
@@ -521,22 +522,24 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(int(length)).response()(scope, receive, send)
+            error = ApiError(413, self._too_large(int(length)), code="request_too_large")
+            return await error.response()(scope, receive, send)
         received = 0
 
         async def limited_receive():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise self._too_large(received)  # answered by the app's ApiError handler
+            if received > self.max_bytes:  # no Content-Length (chunked): stop reading here
+                # An HTTPException passes FastAPI's body parsing untouched; the app's handler answers it.
+                raise HTTPException(413, self._too_large(received))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _too_large(self, size: int) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_bytes:,} bytes ({size:,}); this server's limit "
-                             "follows from the model's context", code="request_too_large")
+    def _too_large(self, size: int) -> str:
+        return (f"the request body is over {self.max_bytes:,} bytes ({size:,} so far); this server's limit follows "
+                "from the model's context")
 
 
 def max_token_bytes(tokenizer) -> int:
