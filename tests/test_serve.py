@@ -9,6 +9,7 @@ that batching, queueing, disconnects and timeouts are observed, not raced.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import time
@@ -366,15 +367,16 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
 
 
 def test_llm_serve_command_serves_and_stops_on_sigterm(lm_ckpt):
-    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "info",
                               "--model-name", "tiny"], startup_timeout_s=60) as server:
         response = httpx.post(f"{server.base_url}/v1/completions",
-                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
+                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "user": "alice"}, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200 and response.json()["model"] == "tiny"
         server.process.send_signal(signal.SIGTERM)  # drains (nothing in flight), then exits
         server.process.wait(30)
     assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
     assert "serving 'tiny' (lm" in server.output and "llm-serve: stopped" in server.output
+    assert hashlib.sha256(b"alice").hexdigest()[:16] in server.output and "alice" not in server.output  # the user's hash
 
 
 def test_load_benchmark_writes_its_figures(tmp_path):
