@@ -91,7 +91,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
     prompt_byte_bound = context * max_token_bytes(tokenizer)  # more bytes than this cannot fit the context
     max_body_bytes = max_body_bytes or max(2**20, 8 * prompt_byte_bound)
     kernels = _kernel_backends() if served.use_fused else "none: plain PyTorch ops (--use-fused routes them to llmkernels)"
-    token_text = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode_single_token_bytes(token))
+    token_bytes = functools.lru_cache(maxsize=None)(tokenizer.decode_single_token_bytes)  # for logprobs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -280,7 +280,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineUnavailable as error:
             raise ApiError(503, f"server unavailable: {error}", type="server_error", code="unavailable") from None
-        reply = _Reply(endpoint, served.name, n, token_text)
+        reply = _Reply(endpoint, served.name, token_bytes)
         if echo:
             reply.echo_ids = [prompt_ids[index // n] for index in range(len(rows))]
             reply.echo = [tokenizer.decode(ids) for ids in reply.echo_ids]
@@ -426,9 +426,9 @@ class _Answer:
 class _Reply:
     """The OpenAI JSON of one response: a text completion or a chat completion."""
 
-    def __init__(self, endpoint: str, model: str, n: int, token_bytes: Callable[[int], bytes]):
+    def __init__(self, endpoint: str, model: str, token_bytes: Callable[[int], bytes]):
         self.chat = endpoint == "chat"
-        self.model, self.n, self.token_bytes = model, n, token_bytes
+        self.model, self.token_bytes = model, token_bytes
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.echo: list[str] | None = None  # completions with echo: each choice's prompt text
@@ -457,7 +457,7 @@ class _Reply:
                 entries = self._prompt_entries(prompt_logprobs, index)
             elif token and "logprob" in token:
                 entries = [(token["token"], token["logprob"], token["top_logprobs"])]
-            logprobs = self._completion_logprobs(entries, 0) if entries else None
+            logprobs = self._completion_logprobs(entries) if entries else None
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self.head(), "choices": [choice], "usage": None}
 
@@ -476,7 +476,7 @@ class _Reply:
             prompt = self._prompt_entries(answer.prompt_logprobs[index], index) if self.echo else []
             if self.echo:
                 text = self.echo[index] + text
-            logprobs = self._completion_logprobs(prompt + generated, 0) \
+            logprobs = self._completion_logprobs(prompt + generated) \
                 if answer.rows[index].sampling.logprobs is not None else None
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": end["finish_reason"]})
         head = {**self.head(), "object": "chat.completion" if self.chat else "text_completion"}
@@ -490,9 +490,10 @@ class _Reply:
             return []
         return list(zip(self.echo_ids[index], prompt_logprobs["logprobs"], prompt_logprobs["top_logprobs"]))
 
-    def _completion_logprobs(self, entries: list[tuple], offset: int) -> dict:
-        """Completions' shape: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset."""
-        tokens, offsets = [], []
+    def _completion_logprobs(self, entries: list[tuple]) -> dict:
+        """Completions' shape: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset
+        (where each token starts in this choice's text; in a streamed chunk, in the chunk's)."""
+        tokens, offsets, offset = [], [], 0
         for token, _, _ in entries:
             offsets.append(offset)
             tokens.append(self._text(token))
