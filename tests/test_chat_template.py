@@ -10,6 +10,7 @@ import pytest
 import torch
 from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
+import llm.evaluate
 import llm.generate
 from llm.chat_template import Message, checkpoint_template, get_template
 from llm.finetune.datasets import Conversation, Instruction, read_instructions
@@ -112,3 +113,22 @@ def test_llm_generate_prompts_an_instruction_model_in_its_own_template(tmp_path,
                        "--device", "cpu"])
     template = get_template(recorded or "alpaca")  # no record: an older, Alpaca-trained fine-tune
     assert seen == [template.prompt_ids(template.instruction_messages("Name the play.", "To be"), tokenizer)]
+
+
+@pytest.mark.parametrize("recorded", [None, "chat"])
+def test_llm_eval_scores_an_instruction_model_in_its_own_template(tmp_path, monkeypatch, recorded):
+    checkpoint = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt.pt"))
+    settings = {"task": "instruct", "init_from": "base.pt", **({"chat_template": recorded} if recorded else {})}
+    checkpoint.update(task="instruct", finetune_config=settings, **({"chat_template": recorded} if recorded else {}))
+    save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
+
+    class Seen(Exception):
+        pass
+
+    def make_task(cfg, *args):
+        raise Seen(cfg.chat_template)
+
+    monkeypatch.setattr(llm.evaluate, "make_task", make_task)
+    with pytest.raises(Seen) as seen:
+        llm.evaluate.evaluate(str(tmp_path / "ckpt.pt"), before="none", device="cpu")
+    assert seen.value.args == (recorded or "alpaca",)  # no record: an older, Alpaca-trained fine-tune
