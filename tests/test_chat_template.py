@@ -4,6 +4,7 @@ format read strictly; the built-in data's multi-turn records."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -132,3 +133,18 @@ def test_llm_eval_scores_an_instruction_model_in_its_own_template(tmp_path, monk
     with pytest.raises(Seen) as seen:
         llm.evaluate.evaluate(str(tmp_path / "ckpt.pt"), before="none", device="cpu")
     assert seen.value.args == (recorded or "alpaca",)  # no record: an older, Alpaca-trained fine-tune
+
+
+def test_resuming_an_older_instruction_fine_tune_keeps_alpaca(tmp_path):
+    from llm.finetune.cli import build_parser, config_from_args
+    from llm.finetune.config import FinetuneConfig
+
+    saved = dataclasses.asdict(FinetuneConfig(task="instruct", init_from="base.pt", out_dir=str(tmp_path)))
+    del saved["chat_template"]  # written before chat templates existed
+    checkpoint = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt.pt"))
+    checkpoint.update(task="instruct", finetune_config=saved)
+    save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
+    parser = build_parser()
+    cfg, _ = config_from_args(parser, parser.parse_args(["--resume", "--out-dir", str(tmp_path)]))
+    assert cfg.chat_template == "alpaca"
+    assert FinetuneConfig(task="instruct", init_from="base.pt").chat_template == "chat"  # new fine-tunes
