@@ -14,6 +14,8 @@ Ctrl-C: no new requests (503), those in flight get --drain-timeout seconds, exit
 
 from __future__ import annotations
 
+import logging
+
 from llm.cli import command, device_name, existing_file, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
 from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
+    # The server's own lines (a request's user, as a hash; engine failures) at --log-level, beside uvicorn's.
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)
     app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
                      drain_timeout_s=args.drain_timeout, applications=chat_applications(args))
