@@ -17,7 +17,7 @@ pytest.importorskip("bm25s")
 openai = pytest.importorskip("openai")
 
 from finetune_helpers import one_thread  # noqa: E402, F401
-from test_serve import running  # noqa: E402
+from serve_helpers import running  # noqa: E402
 
 from llm.apps.app_log import AppLog  # noqa: E402
 from llm.apps.chunking import Document  # noqa: E402
