@@ -140,9 +140,22 @@ def test_guardrails_and_grounding_in_chat(leaker, tmp_path):
         assert "keeper@elsinore.dk" not in reply.choices[0].message.content
         sources = reply.model_extra["sources"]
         assert [s["source"] for s in sources] == ["harbour.md"]  # note.md carries an injection: dropped
+        # Sources are cut to what the context leaves beside max_tokens: here, a few tokens too few for all of it.
+        served = load_served_model(leaker, device="cpu")
+        whole = served.template.prompt_ids([Message("system", RULES), Message(
+            "user", f"Sources:\n[1] {DOCS[0].text}\n\nQuestion: Who guards the harbour?")], served.tokenizer)
+        max_tokens = 512 - len(whole) + 5
+        tight = client.chat.completions.create(model="leaker.pt", temperature=0, max_tokens=max_tokens,
+                                               messages=[{"role": "user", "content": "Who guards the harbour?"}])
+        assert tight.usage.prompt_tokens + max_tokens <= 512 and tight.model_extra["sources"]
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.chat.completions.create(model="leaker.pt", max_tokens=500, messages=[
+                {"role": "user", "content": "Who guards the harbour? " * 20}])
+        assert too_long.value.code == "context_length_exceeded"
         nothing = client.chat.completions.create(model="leaker.pt", messages=[{"role": "user", "content": "Lemon cake?"}])
         assert nothing.choices[0].message.content.startswith("I don't know") and nothing.model_extra["sources"] == []
     records = [json.loads(line) for line in (tmp_path / "app.jsonl").read_text().splitlines()]
     assert records[0]["event"] == "refused" and records[1]["sources"][0]["source"] == "harbour.md"
+    assert len(records[2]["sources"]) == 1 and records[2]["sources"][0]["text"]
     rules = {g["rule"] for g in records[1]["guardrails"]}
     assert {"injection_phrases", "redact_emails"} <= rules and records[1]["answer"]

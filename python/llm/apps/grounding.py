@@ -26,6 +26,7 @@ MIN_SOURCE_CHARS = 40  # a source cut shorter than this says too little to inclu
 @dataclass
 class GroundedPrompt:
     prompt: object  # what render returned: token ids in the model's template
+    user: str  # the user's message in it: the numbered sources, then the question
     hits: list[Hit]  # the sources in the prompt, numbered 1..n in this order
 
 
@@ -40,9 +41,11 @@ def ground(question: str, hits: list[Hit], render, count_tokens, budget: int) ->
     that fits only in part is cut short. render(system, user) -> prompt (ids in the model's
     template); count_tokens(prompt) -> int."""
 
+    def user(sources: list[tuple[Hit, str]]) -> str:
+        return f"Sources:\n{source_block(sources)}\n\nQuestion: {question}" if sources else f"Question: {question}"
+
     def prompt(sources: list[tuple[Hit, str]]):
-        return render(RULES, f"Sources:\n{source_block(sources)}\n\nQuestion: {question}" if sources
-                      else f"Question: {question}")  # fmt: skip
+        return render(RULES, user(sources))
 
     if count_tokens(prompt([])) > budget:
         raise ValueError(f"the question takes {count_tokens(prompt([]))} tokens with the prompt, more than the "
@@ -59,7 +62,7 @@ def ground(question: str, hits: list[Hit], render, count_tokens, budget: int) ->
                 used.append((hit, text[:low]))
             break
         used.append((hit, text))
-    return GroundedPrompt(prompt(used), [hit for hit, _ in used])
+    return GroundedPrompt(prompt(used), user(used), [hit for hit, _ in used])
 
 
 @dataclass

@@ -3,7 +3,8 @@
   guardrails   --policy FILE: a refused conversation is HTTP 400 with code "content_policy";
                output that the policy filters (redactions, withheld text, a call to a tool the
                request did not offer) ends with finish_reason "content_filter"
-  grounding    --rag-index INDEX: the last user message is answered from the index's sources
+  grounding    --rag-index INDEX: the last user message of a request without tools (a request
+               with tools is the model's and its tools' to answer) is answered from the index's sources
                (llm.apps.grounding: the rules in the system message, numbered sources in the
                user's); the sources used come back in the response's extra field "sources"
                (source, start, end, score, relevance per source), [] when nothing was relevant
@@ -28,7 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from llm.apps.app_log import AppLog
-from llm.apps.grounding import NOT_FOUND, RULES, ground, source_block
+from llm.apps.grounding import NOT_FOUND, RULES, ground
 from llm.apps.guardrails import Guardrails, Intervention, PolicyViolation
 from llm.apps.index import DEFAULT_MIN_RELEVANCE, Hit, RetrievalIndex
 from llm.apps.tools import Tool, check_arguments
@@ -122,8 +123,11 @@ class ChatApplications:
         rest = messages[1:] if system else messages
         if tools:
             system.append(tools_system_text(tools))
-        if self.index is not None and rest and rest[-1].role == "user":
-            plan.sources, rest = self._ground(plan, template, tokenizer, context, max_tokens, system, rest)
+        if self.index is not None and not tools and rest and rest[-1].role == "user":
+            try:
+                plan.sources, rest = self._ground(plan, template, tokenizer, context, max_tokens, system, rest)
+            except ValueError as error:  # the question alone leaves no room in the context
+                raise ApiError(400, str(error), param="messages", code="context_length_exceeded") from None
         system_message = [Message("system", "\n\n".join(system))] if system else []
         try:
             plan.prompt_ids = template.prompt_ids(system_message + rest, tokenizer) + tokenizer.encode_ordinary(continuation)
@@ -151,9 +155,7 @@ class ChatApplications:
         budget = context - (max_tokens or min(64, context // 2))
         grounded = ground(question, relevant, render, len, budget)
         system.append(RULES)
-        sources = [(hit, hit.chunk.text) for hit in grounded.hits]
-        user = f"Sources:\n{source_block(sources)}\n\nQuestion: {question}" if sources else f"Question: {question}"
-        return grounded.hits, rest[:-1] + [Message("user", user)]
+        return grounded.hits, rest[:-1] + [Message("user", grounded.user)]
 
     def finish(self, response: dict, plan: ChatPlan, template: ChatTemplate) -> dict:
         """The response's choices checked: tool calls, output filtering; sources added; logged."""
