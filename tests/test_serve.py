@@ -360,7 +360,8 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
                         (["--ckpt", str(tmp_path)], "config.json"),
                         (["--ckpt", str(classify), "--port", "70000"], "--port"),
                         (["--ckpt", str(classify), "--timeout", "0"], "--timeout"),
-                        (["--ckpt", str(classify), "--device", "tpu"], "--device")]:
+                        (["--ckpt", str(classify), "--device", "tpu"], "--device"),
+                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout")]:
         with pytest.raises(SystemExit) as exit_info:
             serve_main(argv)
         err = capsys.readouterr().err.strip()

@@ -99,7 +99,7 @@ def test_a_fault_at_any_engine_step_ends_every_request_and_frees_every_place(mod
         # All at once: two decode, four wait in the queue. Different lengths, so rows finish
         # at different steps and the last row moves.
         engine.submit(*[make_request(listener, max_tokens=2 + 3 * i) for i, listener in enumerate(listeners)])
-        wait_until(lambda: engine.admitted == 0)
+        wait_until(lambda: engine.admitted == 0, timeout=8)  # ~0.1 s when nothing is lost
         # Every request ended: answered, or failed with an error (a failed delivery cancels).
         assert all(listener.ended.is_set() or name == "_send" for listener in listeners)
         assert engine.stats["completed"] + engine.stats["failed"] + engine.stats["cancelled"] == len(listeners)
@@ -257,7 +257,7 @@ def test_big_prompts_are_refused_before_work_and_do_not_delay_small_requests(ins
         assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
     print(f"\n5-token request: {alone:.3f} s alone, {during_s:.3f} s during eight 10 MB prompts "
           f"(burst answered in {burst_s:.2f} s); {len(over):,}-byte prompt refused in {refused_s:.3f} s")
-    assert during_s < alone + 0.5, (alone, during_s)
+    assert during_s < alone + 1.0, (alone, during_s)  # it was 3.6 s before the bounds
 
 
 def test_shutdown_refuses_new_work_drains_then_ends_requests_with_length(instruct_ckpt):

@@ -107,6 +107,17 @@ def test_n_choices_are_rows_seeds_repeat_and_stop_cuts(client):
     chats = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
                                            max_completion_tokens=4, seed=5)
     assert [c.index for c in chats.choices] == [0, 1]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                                 max_completion_tokens=4, seed=5, stream=True))
+    for index in (0, 1):  # a stream interleaves the choices, each told apart by its index
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == chats.choices[index].message.content
+        assert mine[-1].finish_reason == chats.choices[index].finish_reason
+    # Several prompts: choice index = prompt * n + j, each as the prompt alone would give.
+    several = client.completions.create(model=MODEL, prompt=["the", "lazy dog"], n=2, max_tokens=5, temperature=0)
+    alone = client.completions.create(model=MODEL, prompt="lazy dog", max_tokens=5, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.choices[2].text == several.choices[3].text == alone.choices[0].text
 
 
 def reference_decode(served, prompt_ids, steps, presence=0.0, frequency=0.0, bias=None):
