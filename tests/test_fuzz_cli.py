@@ -86,15 +86,20 @@ def invalid_value_strategy(action: argparse.Action):
     return None
 
 
-def typed_options(parser: argparse.ArgumentParser):
-    """(option string, strategy of invalid values) for every option whose value is checked."""
+def typed_options(parser: argparse.ArgumentParser, subcommand: tuple[str, ...] = ()):
+    """(subcommand words, option string, strategy of invalid values) for every option whose
+    value is checked, the options of each subcommand (llm-rag index|ask|eval) included."""
     options = []
     for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for word, subparser in action.choices.items():
+                options += typed_options(subparser, subcommand + (word,))
+            continue
         if not action.option_strings or action.nargs == 0:
             continue  # positionals, flags
         strategy = invalid_value_strategy(action)
         if strategy is not None:
-            options.append((action.option_strings[-1], strategy))
+            options.append((subcommand, action.option_strings[-1], strategy))
     return options
 
 
@@ -110,11 +115,11 @@ def test_command_follows_the_convention(name, target):
 @given(data=st.data())
 def test_invalid_option_values_are_refused_in_one_line(name, target, data, capsys):
     parser, main = load_command(target)
-    for option, strategy in typed_options(parser):  # every option, a fresh invalid value each example
+    for subcommand, option, strategy in typed_options(parser):  # every option, a fresh invalid value each example
         text, expected = data.draw(strategy, label=option)
         with pytest.raises(SystemExit) as exited:
-            main([f"{option}={text}"])  # the = form, so values such as "-1e-05" reach the option
+            main([*subcommand, f"{option}={text}"])  # the = form, so values such as "-1e-05" reach the option
         assert exited.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"{name}: error: ") and err.count("\n") == 1, err
+        assert err.startswith(f"{' '.join((name, *subcommand))}: error: ") and err.count("\n") == 1, err
         assert option in err and expected in err, err

@@ -9,9 +9,9 @@ that batching, queueing, disconnects and timeouts are observed, not raced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import json
-import threading
+import signal
 import time
 
 import pytest
@@ -19,112 +19,24 @@ import torch
 
 # Not on the GPU machine (see conftest.OPTIONAL_TEST_PACKAGES); CI requires them.
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from llm.checkpoint import save_checkpoint
+from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
+from serve_helpers import (CONTEXT, HTTP_TIMEOUT, chat_ckpt, health, instruct_ckpt, instruct_server,  # noqa: F401
+                           library_completion, lm_ckpt, running, slowed, sse_events, tokenizer, write_checkpoint)
+
+from llm.chat_template import Message, get_template
 from llm.config import GPTConfig
 from llm.generate import complete
 from llm.model import GPT
-from llm.prompt_template import format_prompt
 from llm.serve import main as serve_main
-from llm.serving.app import create_app
 from llm.serving.loading import load_served_model
 from llm.serving.launch import serve_in_subprocess
 from llm.serving.row_cache import RowKVCache
 from llm.text_stream import TextStream
-from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
+from llm.tokenizer import gpt2_tokenizer
 from llm.weights import save_hf
-
-CONTEXT = 200  # the Alpaca template alone is ~100 tokens with this small BPE
-HTTP_TIMEOUT = httpx.Timeout(60.0)
-
-
-# --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(["the quick brown fox jumps over the lazy dog; " * 4, "Below is an instruction."], 300)
-
-
-def write_checkpoint(path, tokenizer, task: str | None):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=CONTEXT, n_embd=32, n_layer=2, n_head=2)
-    checkpoint = {"model": GPT(config).state_dict(), "model_config": config.to_dict(),
-                  "tokenizer": tokenizer_to_dict(tokenizer), "step": 0}
-    if task is not None:
-        checkpoint["task"] = task
-    save_checkpoint(path, checkpoint)
-    return path
-
-
-@pytest.fixture(scope="module")
-def instruct_ckpt(tmp_path_factory, tokenizer):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "instruct.pt", tokenizer, "instruct")
-
-
-@pytest.fixture(scope="module")
-def lm_ckpt(tmp_path_factory, tokenizer):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "lm.pt", tokenizer, None)  # no key: "lm"
-
-
-def slowed(served, seconds_per_forward: float):
-    """Make every forward take at least this long, so that requests overlap."""
-    forward = served.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(seconds_per_forward)
-        return forward(*args, **kwargs)
-
-    served.model.forward = slow_forward
-    return served
-
-
-@contextlib.contextmanager
-def running(served, **limits):
-    """The app on a free 127.0.0.1 port (port 0: the OS picks), stopped on exit whatever happens."""
-    server = uvicorn.Server(uvicorn.Config(create_app(served, **limits), host="127.0.0.1", port=0,
-                                           log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HTTP_TIMEOUT) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the server did not stop"
-
-
-@pytest.fixture
-def instruct_server(instruct_ckpt):
-    with running(load_served_model(instruct_ckpt, device="cpu")) as client:
-        yield client
-
-
-def health(client) -> dict:
-    response = client.get("/health")
-    assert response.status_code == 200
-    return response.json()
-
-
-def sse_events(response):
-    """The data payloads of a server-sent event stream, one at a time as they arrive."""
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            yield data if data == "[DONE]" else json.loads(data)
-
-
-def library_completion(ckpt, prompt: str, max_tokens: int, **sampling) -> str:
-    """What llm.generate.complete makes of the same prompt (its text after the prompt)."""
-    served = load_served_model(ckpt, device="cpu")
-    return complete(served.model, served.tokenizer, prompt, max_tokens, **sampling)[len(prompt):]
-
 
 # --------------------------------------------------------------------------- the batched decoding path
 def test_row_cache_batched_decode_matches_one_sequence_at_a_time(generator):
@@ -246,25 +158,38 @@ def test_streaming_sends_one_event_per_token_as_they_are_generated(instruct_ckpt
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected["choices"][0]["text"]
 
 
-def test_chat_uses_the_instruction_template(instruct_server):
-    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
-    chat = instruct_server.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10,
-                                                               "temperature": 0})
-    assert chat.status_code == 200, chat.text
-    body = chat.json()
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
-    templated = instruct_server.post("/v1/completions", json={"prompt": format_prompt("Name a fox."),
-                                                               "max_tokens": 10, "temperature": 0}).json()
-    assert body["choices"][0]["message"]["content"] == templated["choices"][0]["text"]  # the system message is not used
-    assert body["usage"] == templated["usage"]
+def test_chat_prompts_the_whole_conversation_in_the_models_template(chat_ckpt, instruct_ckpt, tokenizer):
+    """Review defect 6: the system message and every earlier turn are part of the prompt, in
+    the checkpoint's own template; an Alpaca (single-turn) model keeps working."""
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."},
+                {"role": "assistant", "content": "the fox"}, {"role": "user", "content": "And a dog?"}]
+    template = get_template("chat")
+    prompt_ids = template.prompt_ids([Message(**m) for m in messages], tokenizer)
+    with running(load_served_model(chat_ckpt, device="cpu")) as client:
+        assert health(client)["chat_template"] == "chat"
+        chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "temperature": 0})
+        assert chat.status_code == 200, chat.text
+        body = chat.json()
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        templated = client.post("/v1/completions", json={"prompt": prompt_ids, "max_tokens": 10,
+                                                          "temperature": 0}).json()
+        assert body["choices"][0]["message"]["content"] == templated["choices"][0]["text"]
+        assert body["usage"] == templated["usage"] and body["usage"]["prompt_tokens"] == len(prompt_ids)
+        stream_request = {"messages": messages, "max_tokens": 10, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=stream_request) as response:
+            events = list(sse_events(response))
+        assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+        streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert streamed == body["choices"][0]["message"]["content"]
 
-    stream_request = {"messages": messages[1:], "max_tokens": 10, "temperature": 0, "stream": True}
-    with instruct_server.stream("POST", "/v1/chat/completions", json=stream_request) as response:
-        events = list(sse_events(response))
-    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
-    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
-    assert streamed == body["choices"][0]["message"]["content"]
+    alpaca = get_template("alpaca")
+    with running(load_served_model(instruct_ckpt, device="cpu")) as client:  # no "chat_template" key: alpaca
+        single = client.post("/v1/chat/completions", json={"messages": messages[1:2], "max_tokens": 5, "temperature": 0})
+        ids = alpaca.prompt_ids([Message("user", "Name a fox.")], tokenizer)
+        assert single.status_code == 200 and single.json()["usage"]["prompt_tokens"] == len(ids)
+        multi = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5})
+        assert multi.status_code == 400 and "single-turn" in multi.json()["error"]["message"]
 
 
 def test_serves_a_hugging_face_gpt2_folder_with_the_fused_ops(tmp_path):
@@ -294,7 +219,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [
     # (endpoint, JSON body or raw bytes, status, param, words the message must contain)
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
-    ("/v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, "temperature", "finite"),
+    ("/v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, "temperature", "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": 0}, 400, "top_k", "top_k"),
@@ -302,7 +227,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens", "at most"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt", "context"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs", "unknown field"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", "outside the vocabulary"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "missing"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
@@ -314,7 +245,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "role"),
     ("/v1/chat/completions", {"messages": CHAT + [{"role": "assistant", "content": "x"}]}, 400, "messages", "user"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", "context"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", "unknown field"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 9}, 400, "n", "less than or equal to 8"),
+    ("/v1/chat/completions", {"messages": CHAT, "parallel_tool_calls": True}, 400, "parallel_tool_calls", "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "tools.0.function.name", "pattern"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs: true"),
     ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", "boolean"),
 ]
 
@@ -425,7 +360,8 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
                         (["--ckpt", str(tmp_path)], "config.json"),
                         (["--ckpt", str(classify), "--port", "70000"], "--port"),
                         (["--ckpt", str(classify), "--timeout", "0"], "--timeout"),
-                        (["--ckpt", str(classify), "--device", "tpu"], "--device")]:
+                        (["--ckpt", str(classify), "--device", "tpu"], "--device"),
+                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout")]:
         with pytest.raises(SystemExit) as exit_info:
             serve_main(argv)
         err = capsys.readouterr().err.strip()
@@ -433,27 +369,31 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
         assert err.splitlines()[-1].startswith("llm-serve: error:")
 
 
-def test_llm_serve_command_serves_and_stops(lm_ckpt):
-    with serve_in_subprocess(["--ckpt", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+def test_llm_serve_command_serves_and_stops_on_sigterm(lm_ckpt):
+    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "info",
                               "--model-name", "tiny"], startup_timeout_s=60) as server:
         response = httpx.post(f"{server.base_url}/v1/completions",
-                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
+                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "user": "alice"}, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200 and response.json()["model"] == "tiny"
-    # stopped with Ctrl-C: uvicorn shuts down gracefully
+        server.process.send_signal(signal.SIGTERM)  # drains (nothing in flight), then exits
+        server.process.wait(30)
     assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
-    assert "serving 'tiny' (lm" in server.output
+    assert "serving 'tiny' (lm" in server.output and "llm-serve: stopped" in server.output
+    assert hashlib.sha256(b"alice").hexdigest()[:16] in server.output and "alice" not in server.output  # the user's hash
 
 
 def test_load_benchmark_writes_its_figures(tmp_path):
     from benchmarks.serve import main as benchmark_main
 
-    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--batch", "2", "--prompt-tokens", "8", "--max-tokens", "4",
-            "--out", str(tmp_path)]
+    argv = ["--device", "cpu", "--requests", "4", "--clients", "1", "--clients", "3", "--prompt-tokens", "8",
+            "--max-tokens", "4", "--out", str(tmp_path)]
     assert benchmark_main(argv) == 0
     run = json.loads((tmp_path / "results.json").read_text())
-    assert [r["max_concurrency"] for r in run["results"]] == [2]
+    assert run["settings"]["max_concurrency"] == 3 and [r["clients"] for r in run["results"]] == [1, 3]
+    assert [r["requests"] for r in run["results"]] == [4, 6]  # at least two per client
     for result in run["results"]:
-        assert result["ok"] == 4 and result["completion_tokens"] > 0
+        assert result["ok"] == result["requests"] and result["completion_tokens"] > 0 and result["tokens_per_s"] > 0
         assert result["requests_per_s"] > 0 and 0 < result["latency_p50_s"] <= result["latency_p99_s"]
-    assert "| 2 | 4 / 4 |" in (tmp_path / "results.md").read_text()
+    assert run["results"][0]["rows_per_step"] == 1 and run["results"][1]["rows_per_step"] > 1  # batched
+    assert "| 3 | 6 / 6 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"

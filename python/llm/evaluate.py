@@ -9,6 +9,18 @@
   instruct  response loss and perplexity; the held-out test prompts answered greedily,
             written to answers.json beside the expected answers (+ exact-match rate)
 
+Applications (llm.apps), instead of the task's report:
+
+    llm-eval --checkpoint out-instruct/ckpt.pt --prompts variants.json --data labelled.jsonl
+    llm-eval --checkpoint out-tools/ckpt.pt --tool-use
+
+  --prompts   each prompt variant (zero-shot, few-shot, step-by-step, ...) over a labelled
+              set of instruction records: exact match, contains-answer, mean length, tokens/s
+              (llm.apps.prompt_variants); --data: files or a built-in dataset name
+  --tool-use  arithmetic accuracy on the held-out arithmetic-tools questions, with the
+              calculator (calls run, results fed back) and without it (the model's own
+              continuation): what tool use buys a model fine-tuned on --data arithmetic-tools
+
 The data are the fine-tune's own (from the checkpoint's finetune_config, same splits) unless
 --data names others. "Before" is the model the fine-tune started from (--before auto), a
 model you name, or nothing (--before none). Writes report.json, report.md (printed too)
@@ -18,14 +30,18 @@ and the task's extras to --out-dir.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
+from llm.chat_template import LEGACY_TEMPLATE
 from llm.checkpoint import TASKS, checkpoint_task
 from llm.cli import command, int_in, new_parser
 from llm.finetune.classify import classifier_from_checkpoint
+from llm.files import write_text
 from llm.finetune.config import FinetuneConfig
+from llm.finetune.datasets import split_examples
 from llm.finetune.lora import apply_adapters, merge_lora
 from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
@@ -82,6 +98,7 @@ def evaluate(
         after_model = task_model(gpt, saved, task)
     # The fine-tune's own data and splits, unless others are named.
     settings = dict(finetune_config, task=task, init_from=checkpoint, resume=False)
+    settings.setdefault("chat_template", saved.get("chat_template", LEGACY_TEMPLATE))  # the model's own template
     if data:
         settings["data"] = data
     for name, value in (("data_dir", data_dir), ("batch_size", batch_size), ("answer_count", answer_count)):
@@ -128,14 +145,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-count", type=int_in(0), default=None, help="instruct: held-out prompts to answer")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--use-fused", action="store_true")
+    application = parser.add_mutually_exclusive_group()
+    application.add_argument("--prompts", default=None, help="a JSON list of prompt variants to compare on --data")
+    application.add_argument("--tool-use", action="store_true",
+                             help="arithmetic accuracy with and without the calculator tool")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int_in(1), default=64, help="--prompts / --tool-use: answer length")
     return parser
+
+
+def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_dir: str | None, device: str = "auto",
+                     answer_count: int | None = None, max_new_tokens: int = 64) -> tuple[dict, str]:  # fmt: skip
+    """Each prompt variant over the labelled records; writes prompts.json to out_dir."""
+    from llm.apps.prompt_variants import evaluate_variant, read_variants, variants_table
+    from llm.apps.prompting import load_prompted_model
+    from llm.finetune.datasets import Instruction, read_instructions
+    from llm.finetune.tasks import load_examples
+
+    if not data:
+        raise ValueError("--prompts needs --data: a labelled set of instruction records (or a built-in dataset name)")
+    variants = read_variants(prompts)
+    records = load_examples(FinetuneConfig(task="instruct", init_from=checkpoint, data=data), read_instructions)
+    records = [r for r in records if isinstance(r, Instruction)][: answer_count or 30]  # single-turn records
+    if not records:
+        raise ValueError(f"--data {' '.join(data)}: no single-turn instruction records to compare prompts on")
+    model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
+    results = {variant.name: evaluate_variant(model, variant, records) for variant in variants}
+    table = variants_table(results)
+    write_text(Path(out_dir or Path(checkpoint).parent / "eval") / "prompts.json",
+               json.dumps({"checkpoint": checkpoint, "records": len(records), "variants": results}, indent=1) + "\n")
+    return results, table
+
+
+def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto", answer_count: int | None = None,
+                      max_new_tokens: int = 64) -> tuple[dict, str]:  # fmt: skip
+    """Arithmetic accuracy with and without the calculator on the held-out arithmetic-tools
+    questions (the fine-tune's own test split); writes tool_use.json to out_dir."""
+    from llm.apps.guardrails import Policy
+    from llm.apps.prompting import load_prompted_model
+    from llm.apps.tool_use import arithmetic_accuracy
+    from llm.apps.tools import CALCULATOR, ToolRegistry
+    from llm.finetune.arithmetic import ARITHMETIC_DATASET
+    from llm.finetune.datasets import read_instructions
+    from llm.finetune.tasks import SPLIT_SEED, load_examples
+
+    model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
+    if model.chat is None:
+        raise ValueError(f"--tool-use needs an instruction model (llm-finetune --task instruct --data "
+                         f"{ARITHMETIC_DATASET}); {checkpoint} is a plain language model")
+    saved = load_model_source(checkpoint)[2].get("finetune_config") or {}
+    cfg = FinetuneConfig(task="instruct", init_from=checkpoint, data=[ARITHMETIC_DATASET],
+                         val_fraction=saved.get("val_fraction", 0.1), test_fraction=saved.get("test_fraction", 0.1))
+    records = split_examples(load_examples(cfg, read_instructions), cfg.val_fraction, cfg.test_fraction,
+                             SPLIT_SEED)["test"][: answer_count or 100]  # fmt: skip
+    tools = ToolRegistry([CALCULATOR])
+    results = {"with calculator": arithmetic_accuracy(model, records, tools, Policy().max_tool_calls),
+               "without": arithmetic_accuracy(model, records, None)}  # fmt: skip
+    table = "\n".join(["| arithmetic, held-out questions | accuracy |", "|---|---|"] +
+                      [f"| {name} | {r['accuracy']:.3f} ({r['questions']} questions) |" for name, r in results.items()])
+    write_text(Path(out_dir or Path(checkpoint).parent / "eval") / "tool_use.json",
+               json.dumps({"checkpoint": checkpoint, **results}, indent=1) + "\n")
+    return results, table
 
 
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    options = vars(args)
+    prompts, tool_use, max_new_tokens = options.pop("prompts"), options.pop("tool_use"), options.pop("max_new_tokens")
     with torch.no_grad():
-        _, table = evaluate(**vars(args))
+        if prompts:
+            _, table = evaluate_prompts(args.checkpoint, prompts, args.data, args.out_dir, args.device,
+                                        args.answer_count, max_new_tokens)  # fmt: skip
+        elif tool_use:
+            _, table = evaluate_tool_use(args.checkpoint, args.out_dir, args.device, args.answer_count, max_new_tokens)
+        else:
+            _, table = evaluate(**options)
     print(table)
 
 

@@ -9,9 +9,18 @@ fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
     llm-generate --checkpoint out/ckpt.pt --prompt "ROMEO:" --stream
     llm-generate --gpt2-weights ./gpt2 --prompt "Hello" --top-p 0.9
     llm-generate --checkpoint out-instruct/ckpt.pt --prompt "Who speaks these lines?" --input "..."
+    llm-generate --checkpoint out-instruct/ckpt.pt --system "Answer in one word." --examples shots.jsonl \
+                 --prompt "Which play is this from?" --input "..." --policy policy.json
 
-An instruction model (checkpoint task "instruct") gets its prompt in the template it was
-trained with (llm.prompt_template) and prints only its response. --max-new-tokens is at
+--system and --examples (few-shot instruction records, JSONL) go into the model's own
+template: the system turn and earlier user/assistant turns (llm.apps.prompting); for a plain
+language model, a text of "Input: ... / Output: ..." pairs to continue. --policy applies a
+guardrail policy file (llm.apps.guardrails): a refused prompt is one line and exit status 2,
+the output is printed once checked (redactions, withheld text), each intervention noted on
+stderr with its rule.
+
+An instruction model (checkpoint task "instruct") gets its prompt in the chat template it
+was trained with (llm.chat_template, recorded in the checkpoint) and prints only its reply. --max-new-tokens is at
 least 1 (a run that generates nothing is a mistake, not a request).
 """
 
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Iterator
 
 import tiktoken
@@ -28,6 +38,11 @@ from llm.cli import SEED, command, device_name, existing_file, existing_path, fl
 from llm.model import GPT
 from llm.runtime import DEVICE_CHOICES
 from llm.text_stream import TextStream
+
+
+# Below this temperature sampling is greedy: logits / T would overflow to inf (3e-38 does),
+# and the distribution is an argmax in all but name long before that.
+GREEDY_BELOW = 1e-5
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -112,8 +127,8 @@ def sample_next_token(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B, 1)."""
-    if temperature == 0:
+    """logits (B, V) -> token ids (B, 1). Temperatures below GREEDY_BELOW are greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)  # greedy
     logits = logits / temperature
     if top_k is not None:
@@ -128,6 +143,25 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    counts: torch.Tensor | None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+) -> torch.Tensor:
+    """OpenAI's penalties and logit bias: logits (B, V) and counts (B, V), how often each token
+    appears in the text generated so far, -> logits[j] - counts[j] * frequency_penalty
+    - (counts[j] > 0) * presence_penalty + logit_bias[j]."""
+    if counts is not None and (presence_penalty or frequency_penalty):
+        logits = logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
+    if logit_bias:
+        ids = torch.tensor(list(logit_bias), device=logits.device)
+        logits = logits.index_add(-1, ids, torch.tensor(list(logit_bias.values()), device=logits.device,
+                                                        dtype=logits.dtype).expand(logits.shape[0], -1))
+    return logits
 
 
 def complete(
@@ -194,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Hugging Face GPT-2 save_pretrained folder (or one llm-export wrote)")
     parser.add_argument("--prompt", default="\n", help="the text to continue; for an instruction model, the instruction")
     parser.add_argument("--input", default=None, help="instruction models: the instruction's input (optional)")
+    parser.add_argument("--system", default=None, help="a system message, in the model's template")
+    parser.add_argument("--examples", type=existing_file, default=None,
+                        help="few-shot examples: instruction records (JSONL), as earlier turns")  # fmt: skip
+    parser.add_argument("--policy", type=existing_file, default=None, help="a guardrail policy file (JSON)")
     parser.add_argument("--max-new-tokens", type=int_in(1), default=200, help="at least 1")
     parser.add_argument("--temperature", type=float_in(0), default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int_in(1), default=None, help="sample from the k most likely tokens")
@@ -212,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Print samples: the prompt and its continuation, or for an instruction model (checkpoint
     task "instruct") the response to --prompt put in the instruction template."""
+    from llm.chat_template import checkpoint_template
     from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
-    from llm.prompt_template import format_prompt
     from llm.runtime import resolve_device
     from llm.weights import load_gpt2_with_tokenizer
 
@@ -230,9 +268,26 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_gpt2_with_tokenizer(args.gpt2_weights, use_fused=args.use_fused)
     if args.input is not None and task != "instruct":
         raise ValueError("--input: only instruction models (llm-finetune --task instruct) take an input")
+    # Applications (prompting, guardrails) sit above this module: imported only when asked for.
+    from llm.apps.prompting import plain_prompt, read_examples, render_messages
+
+    examples = read_examples(args.examples) if args.examples else []
+    guardrails = None
+    if args.policy:
+        from llm.apps.guardrails import Guardrails, load_policy
+
+        guardrails = Guardrails(load_policy(args.policy))
+        guardrails.check_input("\n".join(text for text in (args.system, args.prompt, args.input) if text))
     model.to(resolve_device(args.device))
-    prompt = format_prompt(args.prompt, args.input) if task == "instruct" else args.prompt
-    prompt_ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
+    few_shot = bool(args.system or examples)
+    if task == "instruct":
+        template = checkpoint_template(checkpoint)
+        user = template.instruction_messages(args.prompt, args.input or "")[0].content
+        prompt_ids = template.prompt_ids(render_messages(template, user, args.system, examples), tokenizer)
+    elif few_shot:
+        prompt_ids = tokenizer.encode_ordinary(plain_prompt(args.prompt, args.system, examples))
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     if len(prompt_ids) > model.config.context_length:  # before anything is printed
         raise ValueError(f"--prompt is {len(prompt_ids)} tokens{' in its template' if task == 'instruct' else ''}; "
                          f"the model's context holds {model.config.context_length}")
@@ -241,9 +296,15 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer, prompt_ids, args.max_new_tokens, seed=args.seed + i, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_kv_cache,
         )  # fmt: skip
-        if task == "lm":
+        if task == "lm" and not few_shot:
             print(args.prompt, end="", flush=True)
-        if args.stream:
+        if guardrails:  # the whole text is checked before any of it is shown
+            text, interventions = guardrails.filter_output("".join(pieces))
+            for intervention in interventions:
+                print(f"{PROG}: content policy: {intervention.rule} ({intervention.action}: {intervention.detail})",
+                      file=sys.stderr)  # fmt: skip
+            print(text)
+        elif args.stream:
             for piece in pieces:
                 print(piece, end="", flush=True)
             print()

@@ -1,26 +1,31 @@
 """llm-serve: serve a model over HTTP with OpenAI-shaped endpoints (FastAPI + uvicorn).
 
-    llm-serve --ckpt out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
-    llm-serve --ckpt ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
+    llm-serve --checkpoint out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
+    llm-serve --checkpoint ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
 The model loads once; requests are decoded together, one forward per step for all of
-them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app.
+them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. Chat with
+--rag-index (grounded answers, "sources" in the response), --policy (guardrails),
+--app-log, and OpenAI "tools": llm.serving.applications. SIGTERM or
+Ctrl-C: no new requests (503), those in flight get --drain-timeout seconds, exit status 0.
 """
 
 from __future__ import annotations
 
-from llm.cli import command, device_name, float_in, int_in, new_parser
+import logging
+
+from llm.cli import command, device_name, existing_file, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
-from llm.serving.engine import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
+from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
 PROG = "llm-serve"
 
 
 def build_parser():
     parser = new_parser(PROG, __doc__)
-    parser.add_argument("--ckpt", required=True,
+    parser.add_argument("--checkpoint", "--ckpt", dest="checkpoint", required=True,
                         help="an llm checkpoint file (task lm or instruct) or a Hugging Face GPT-2 folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port")
@@ -33,27 +38,50 @@ def build_parser():
                         help="requests waiting beyond --max-concurrency before 429 (default %(default)s)")
     parser.add_argument("--timeout", type=float_in(0, min_open=True), default=DEFAULT_TIMEOUT_S,
                         help="seconds a request may take, queueing included (default %(default)s)")
-    parser.add_argument("--model-name", help="the model id clients pass (default: the --ckpt file or folder name)")
+    parser.add_argument("--drain-timeout", type=float_in(0), default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM / Ctrl-C, seconds the requests in flight may still take (default %(default)s)")
+    parser.add_argument("--model-name", help="the model id clients pass (default: the --checkpoint file or folder name)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    applications = parser.add_argument_group("applications (chat; see llm.serving.applications)")
+    applications.add_argument("--rag-index", default=None,
+                              help="answer chat from this llm-rag index; the sources come back in 'sources'")  # fmt: skip
+    applications.add_argument("--policy", type=existing_file, default=None, help="a guardrail policy file (JSON)")
+    applications.add_argument("--app-log", default=None, help="append one JSON line per chat answer to this file")
+    applications.add_argument("--app-log-content", action="store_true", help="the log includes messages and answers")
     return parser
+
+
+def chat_applications(args):
+    """Guardrails, grounding and the application log from the options (llm.serving.applications)."""
+    from llm.apps.app_log import AppLog
+    from llm.apps.guardrails import Guardrails, load_policy
+    from llm.apps.index import RetrievalIndex
+    from llm.serving.applications import ChatApplications
+
+    return ChatApplications(Guardrails(load_policy(args.policy)) if args.policy else None,
+                            RetrievalIndex.load(args.rag_index) if args.rag_index else None,
+                            AppLog(args.app_log, args.app_log_content))  # fmt: skip
 
 
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:  # after parsing, so --help and bad options answer at once
-        import uvicorn
-
         from llm.serving.app import create_app
         from llm.serving.loading import load_served_model
+        from llm.serving.server import serve
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
-    served = load_served_model(args.ckpt, device=args.device, use_fused=args.use_fused, name=args.model_name)
-    app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout)
+    # The server's own lines (a request's user, as a hash; engine failures) at --log-level, beside uvicorn's.
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)
+    app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
+                     drain_timeout_s=args.drain_timeout, applications=chat_applications(args))
     print(f"{PROG}: serving {served.name!r} ({served.task}, {served.model.num_parameters():,} parameters) "
           f"on {served.device}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"{PROG}: stopped", flush=True)
 
 
 if __name__ == "__main__":

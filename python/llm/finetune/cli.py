@@ -12,7 +12,8 @@
 
 Data: classify reads CSV/TSV (label, text) files, instruct reads JSON/JSONL records
 (instruction, input, output), lm reads text files; without --data each task uses its
-built-in Shakespeare dataset (shakespeare-genre, shakespeare-play, shakespeare-instruct).
+built-in Shakespeare dataset (shakespeare-genre, shakespeare-play, shakespeare-instruct);
+--data arithmetic-tools teaches an instruct model to call the calculator (llm.finetune.arithmetic).
 Writes OUT_DIR/ckpt.pt (LoRA merged in; every command loads it) at every evaluation and
 every --save-interval seconds, adapters/ (LoRA runs), loss.png and the before/after report
 (report.md, report.json, confusion.png, answers.json).
@@ -28,6 +29,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from llm.chat_template import LEGACY_TEMPLATE
 from llm.checkpoint import TASKS, check_existing_checkpoint, load_checkpoint
 from llm.cli import PROGRESS_SETTINGS, SEED, add_progress_options, command, float_in, int_in, new_parser
 from llm.finetune.config import ALL_BLOCKS, DTYPES, FULL_LR, HELD_OUT_FRACTION, LORA_LR, FinetuneConfig
@@ -116,7 +118,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise ValueError(f"{flags}: cannot change when resuming; the fine-tune continues with its saved settings "
                          f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_OPTIONS)} may change)")
-    saved = checkpoint["finetune_config"]
+    # A fine-tune saved before chat templates existed trained on Alpaca's.
+    saved = {"chat_template": checkpoint.get("chat_template", LEGACY_TEMPLATE), **checkpoint["finetune_config"]}
     given = {name: options[name] for name in RESUME_OPTIONS if getattr(args, name) != parser.get_default(name)}
     # The bar is this invocation's choice, not the saved run's; a resumed run replaces nothing.
     cfg = FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
