@@ -4,6 +4,13 @@
     POST /v1/chat/completions   {"messages", ...}: instruction-tuned models ("task": "instruct") only
     GET  /v1/models             the one served model
     GET  /health                model, device, kernel backends, load and request counters
+    GET  /metrics               Prometheus text format (llm.serving.metrics)
+    GET  /, /playground         the chat page and the completions playground (llm.serving.pages)
+
+With API keys every /v1/* request needs `Authorization: Bearer KEY` (llm.serving.auth),
+and each client may have its own requests- and tokens-per-minute limits
+(llm.serving.rate_limits); llm.serving.access applies both, gives every response an
+x-request-id and writes one JSON log line per request (llm.serving.request_log).
 
 Chat prompts use llm.prompt_template.format_prompt with the last message (which must be
 the user's) as the instruction: the template is single-turn, as the model was fine-tuned,
@@ -29,14 +36,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llm.generate import check_sampling
 from llm.prompt_template import format_prompt
+from llm.serving.access import AccessMiddleware, request_record
+from llm.serving.auth import ApiKeys
 from llm.serving.engine import (DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, BatchingEngine,
                                 GenerationRequest)
 from llm.serving.loading import ServedModel
+from llm.serving.metrics import ServerMetrics
+from llm.serving.pages import add_pages
+from llm.serving.rate_limits import ClientLimits
 from llm.serving.schemas import (MAX_STOP_SEQUENCES, ApiError, ChatCompletionRequest, CompletionRequest,
                                  SamplingFields, validation_error)
 
@@ -45,11 +57,18 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that
 
 
 def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, queue_size: int = DEFAULT_QUEUE,
-               timeout_s: float = DEFAULT_TIMEOUT_S) -> FastAPI:
-    """The app serving `served`; its engine thread starts and stops with the app's lifespan."""
+               timeout_s: float = DEFAULT_TIMEOUT_S, api_keys: list[str] | tuple[str, ...] = (),
+               requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+               log_content: bool = False) -> FastAPI:
+    """The app serving `served`; its engine thread starts and stops with the app's lifespan.
+    api_keys: accepted keys (none: open); *_per_minute: per-client limits (None: off);
+    log_content: put prompts and completions in the request log."""
     engine = BatchingEngine(served.model, served.tokenizer, max_batch=max_concurrency, max_queue=queue_size)
+    metrics = ServerMetrics(engine.load)
+    engine.on_decode_step = metrics.batch_size.observe
+    limits = ClientLimits(requests_per_minute, tokens_per_minute)
     context = served.model.config.context_length
-    kernels = _kernel_backends() if served.use_fused else "none: plain PyTorch ops (--use-fused routes them to llmkernels)"
+    kernels = kernel_backends(served)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,13 +105,20 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             "model": served.name, "model_loaded": True, "task": served.task,
             "device": str(served.device), "use_fused": served.use_fused, "kernel_backends": kernels,
             "context_length": context, "parameters": served.model.num_parameters(),
-            "limits": {"max_concurrency": max_concurrency, "queue": queue_size, "timeout_s": timeout_s},
+            "limits": {"max_concurrency": max_concurrency, "queue": queue_size, "timeout_s": timeout_s,
+                       "requests_per_minute": requests_per_minute, "tokens_per_minute": tokens_per_minute},
+            "api_keys_required": bool(api_keys),
             "batching": "continuous: concurrent requests share one forward per decode step",
             "requests": {**engine.load(), **{k: engine.stats[k] for k in
                                              ("completed", "cancelled", "timed_out", "rejected", "failed")}},
             **{k: engine.stats[k] for k in ("tokens_generated", "prefills", "decode_steps", "largest_batch")},
         }
         return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        text, content_type = metrics.exposition()
+        return Response(text, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -123,15 +149,18 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if body.model is not None and body.model != served.name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {served.name!r}",
                            param="model", code="model_not_found")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events, record = asyncio.get_running_loop(), asyncio.Queue(), request_record(request)
+        max_tokens = checked_max_tokens(body.max_tokens, len(prompt_ids), prompt_field)
+        limits.reserve_tokens(record, len(prompt_ids), max_tokens)  # 429 when the client's tokens/min are short
+        record.prompt_tokens, record.prompt = len(prompt_ids), body.model_dump(include={"prompt", "messages"})
         generation = GenerationRequest(
             prompt_ids=prompt_ids,
-            max_tokens=checked_max_tokens(body.max_tokens, len(prompt_ids), prompt_field),
+            max_tokens=max_tokens,
             **checked_sampling(body),
             seed=body.seed if body.seed is not None else secrets.randbits(63),
             stop=checked_stop(body.stop),
             timeout_s=timeout_s,
-            deliver=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            deliver=record.watching(lambda event: loop.call_soon_threadsafe(events.put_nowait, event)),
         )
         if not engine.submit(generation):
             load = engine.load()
@@ -208,10 +237,16 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         finally:
             generation.cancel()
 
+    add_pages(app)
+    app.add_middleware(AccessMiddleware, keys=ApiKeys(api_keys), limits=limits, metrics=metrics,
+                       routes=frozenset(route.path for route in app.routes), log_content=log_content)
     return app
 
 
-def _kernel_backends() -> dict:
+def kernel_backends(served: ServedModel) -> dict | str:
+    """Which kernels the model runs on: llmkernels' backends (usable or why not) with --use-fused."""
+    if not served.use_fused:
+        return "none: plain PyTorch ops (--use-fused routes them to llmkernels)"
     from llmkernels import available_backends  # imported only when the fused ops are in use
 
     return {name: {"usable": usable, "reason": reason or None} for name, (usable, reason) in available_backends().items()}

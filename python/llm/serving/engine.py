@@ -94,6 +94,7 @@ class BatchingEngine:
         self._thread: threading.Thread | None = None
         self.stats = dict(completed=0, cancelled=0, timed_out=0, rejected=0, failed=0,
                           tokens_generated=0, prefills=0, decode_steps=0, largest_batch=0)
+        self.on_decode_step: Callable[[int], None] | None = None  # called with the rows of each decode step
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -221,6 +222,8 @@ class BatchingEngine:
             return
         self.stats["decode_steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
+        if self.on_decode_step is not None:
+            self.on_decode_step(n)
         for slot, token in zip(self._slots, sampled[:, 0].tolist()):
             self._take(slot, token)
         self._drop_finished()
