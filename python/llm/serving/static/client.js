@@ -39,8 +39,8 @@ function errorInWords(status, error, retryAfter, keyGiven) {
       : "This server needs an API key (401). Enter it in the API key field.";
   }
   if (status === 429) {
-    const wait = retryAfter ? ` Try again in ${retryAfter} s.` : "";
-    return `Too many requests (429): ${message}${wait}`;
+    const wait = retryAfter ? `try again in ${retryAfter} s` : "try again later";
+    return `Too many requests (429): ${wait}. The server said: ${message}`;
   }
   if (code === "context_length_exceeded") {
     return `Too long for the model's context: ${message}. Start a new chat, shorten the message or lower max tokens.`;
