@@ -4,6 +4,7 @@
     GET /playground        static/playground.html  a prompt and its completion (any model)
     GET /static/client.js  static/client.js        what both share: settings, the API key,
                                                    streaming through fetch, errors in words
+    GET /static/style.css  static/style.css        and their look
 
 They call the same /v1/* endpoints as any client, with the API key typed into the page.
 """
@@ -17,7 +18,8 @@ from fastapi.responses import Response
 
 STATIC = files("llm.serving") / "static"
 PAGES = {"/": ("chat.html", "text/html"), "/playground": ("playground.html", "text/html"),
-         "/static/client.js": ("client.js", "text/javascript")}
+         "/static/client.js": ("client.js", "text/javascript"),
+         "/static/style.css": ("style.css", "text/css")}
 
 
 def add_pages(app: FastAPI) -> None:

@@ -19,7 +19,14 @@ function settings() {
   };
 }
 
-function restoreKey() {
+// Fill <fieldset id="settings" data-max-tokens="N"> with the inputs settings() reads.
+function renderSettings() {
+  const fieldset = document.getElementById("settings");
+  fieldset.innerHTML = `<legend>Settings</legend>
+    <label>API key <input id="api-key" type="password" autocomplete="off" placeholder="if the server needs one"></label>
+    <label>Temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"></label>
+    <label>Top-p <input id="top-p" type="number" min="0.01" max="1" step="0.05" value="1"></label>
+    <label>Max tokens <input id="max-tokens" type="number" min="1" step="1" value="${fieldset.dataset.maxTokens}"></label>`;
   document.getElementById("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
 }
 
