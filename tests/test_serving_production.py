@@ -26,6 +26,7 @@ from llm.serve import main as serve_main
 from llm.serving.auth import KEYS_ENV, ApiKeys, key_id, load_api_keys
 from llm.serving.loading import load_served_model
 from llm.serving.rate_limits import TokenBucket, duration
+from llm.serving.request_log import REQUEST_LOG
 
 KEY, OTHER_KEY = "sk-test-4f9a1c0e7b2d", "sk-test-other-77aa01"
 COMPLETION = {"prompt": "the quick brown fox", "max_tokens": 4, "temperature": 0}
@@ -219,6 +220,9 @@ def test_command_binds_loopback_without_keys_and_logs_its_start(lm_ckpt, monkeyp
 
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    for attribute in ("handlers", "level", "propagate"):  # the command sets up its logger: undone after
+        monkeypatch.setattr(REQUEST_LOG, attribute, getattr(REQUEST_LOG, attribute))
+    monkeypatch.setattr(REQUEST_LOG, "handlers", [])
     monkeypatch.delenv(KEYS_ENV, raising=False)
     serve_main(["--ckpt", str(lm_ckpt), "--device", "cpu"])
     out = capsys.readouterr()

@@ -97,7 +97,10 @@ def log_startup(**facts) -> None:
 
 def log_to_stderr() -> None:
     """Print the JSON lines bare on stderr (the llm-serve command; a library user configures logging)."""
+    if any(getattr(handler, "llm_serve_stderr", False) for handler in REQUEST_LOG.handlers):
+        return
     handler = logging.StreamHandler(sys.stderr)
+    handler.llm_serve_stderr = True
     handler.setFormatter(logging.Formatter("%(message)s"))
     REQUEST_LOG.addHandler(handler)
     REQUEST_LOG.setLevel(logging.INFO)
