@@ -51,7 +51,8 @@ def build_parser():
                         help="per client: prompt + max_tokens a minute (unused tokens come back; default: no limit)")
     parser.add_argument("--log-content", action="store_true",
                         help="put prompts and completions in the JSON request log (off: users' text is not logged)")
-    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                        help="uvicorn's and the JSON request log's (info: one line per request; warning: none)")
     return parser
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if not keys:
         print(f"{PROG}: no API keys: anyone who can reach {host} may use the server"
               + ("; listening on 127.0.0.1 only (--host to change)" if args.host is None else ""), flush=True)
-    log_to_stderr()
+    log_to_stderr(args.log_level)
     log_startup(model=served.name, task=served.task, parameters=served.model.num_parameters(),
                 device=served.device, use_fused=served.use_fused, kernel_backends=kernel_backends(served),
                 host=host, port=args.port, api_keys=len(keys), log_content=args.log_content, **limits)

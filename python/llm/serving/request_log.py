@@ -95,13 +95,13 @@ def log_startup(**facts) -> None:
     REQUEST_LOG.info(json.dumps({"event": "startup", **facts}, default=str))
 
 
-def log_to_stderr() -> None:
-    """Print the JSON lines bare on stderr (the llm-serve command; a library user configures logging)."""
-    if any(getattr(handler, "llm_serve_stderr", False) for handler in REQUEST_LOG.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.llm_serve_stderr = True
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    REQUEST_LOG.addHandler(handler)
-    REQUEST_LOG.setLevel(logging.INFO)
+def log_to_stderr(level: str = "info") -> None:
+    """Print the JSON lines bare on stderr (the llm-serve command; a library user configures logging).
+    They are INFO records: level "warning" or above silences them."""
+    REQUEST_LOG.setLevel(level.upper())
     REQUEST_LOG.propagate = False
+    if not any(getattr(handler, "llm_serve_stderr", False) for handler in REQUEST_LOG.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.llm_serve_stderr = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        REQUEST_LOG.addHandler(handler)
