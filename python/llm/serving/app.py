@@ -150,18 +150,17 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {served.name!r}",
                            param="model", code="model_not_found")
         loop, events, record = asyncio.get_running_loop(), asyncio.Queue(), request_record(request)
-        max_tokens = checked_max_tokens(body.max_tokens, len(prompt_ids), prompt_field)
-        limits.reserve_tokens(record, len(prompt_ids), max_tokens)  # 429 when the client's tokens/min are short
-        record.prompt_tokens, record.prompt = len(prompt_ids), body.model_dump(include={"prompt", "messages"})
         generation = GenerationRequest(
             prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
+            max_tokens=checked_max_tokens(body.max_tokens, len(prompt_ids), prompt_field),
             **checked_sampling(body),
             seed=body.seed if body.seed is not None else secrets.randbits(63),
             stop=checked_stop(body.stop),
             timeout_s=timeout_s,
             deliver=record.watching(lambda event: loop.call_soon_threadsafe(events.put_nowait, event)),
         )
+        limits.reserve_tokens(record, len(prompt_ids), generation.max_tokens)  # 429 when the client's tokens/min are short
+        record.prompt_tokens, record.prompt = len(prompt_ids), body.model_dump(include={"prompt", "messages"})
         if not engine.submit(generation):
             load = engine.load()
             raise ApiError(429, f"server busy: {load['active']} requests generating and {load['queued']} queued "
