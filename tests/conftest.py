@@ -68,7 +68,8 @@ def pytest_addoption(parser):
 # some (no fastapi/uvicorn, no hypothesis), so the modules that use them skip there with
 # pytest.importorskip; CI sets LLMKERNELS_REQUIRE_TEST_DEPS=1, so there a missing one fails
 # the run instead of skipping those modules.
-OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers")
+OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers", "prometheus_client",
+                          "openai", "playwright", "modal")
 
 
 def pytest_configure(config):
