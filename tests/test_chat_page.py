@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_serve import instruct_ckpt, lm_ckpt, running, slowed, tokenizer  # noqa: F401
+from test_serve import chat_ckpt, lm_ckpt, running, slowed, tokenizer  # noqa: F401
 
 from llm.serving.loading import load_served_model
 
@@ -52,8 +52,8 @@ def send(page, text: str) -> None:
     page.keyboard.press("Enter")
 
 
-def test_chat_page_streams_a_reply_keeps_the_conversation_and_words_errors(instruct_ckpt, browser):
-    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.03)  # tokens arrive one by one
+def test_chat_page_streams_a_reply_keeps_the_conversation_and_words_errors(chat_ckpt, browser):
+    served = slowed(load_served_model(chat_ckpt, device="cpu"), 0.03)  # tokens arrive one by one
     with running(served, api_keys=[KEY], requests_per_minute=4) as client:
         expected = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                                json={"messages": [{"role": "user", "content": "Name a fox."}], "max_tokens": 12,
@@ -61,7 +61,7 @@ def test_chat_page_streams_a_reply_keeps_the_conversation_and_words_errors(instr
         page = browser.new_page(viewport={"width": 900, "height": 700})
         sent = chat_requests(page)
         page.goto(f"{client.base_url}/")
-        page.wait_for_function("document.getElementById('model').textContent === 'instruct.pt'")
+        page.wait_for_function("document.getElementById('model').textContent === 'chat.pt'")
 
         # No key yet: the 401 is put into words and the message stays in the box.
         page.fill("#temperature", "0")

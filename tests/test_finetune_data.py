@@ -107,10 +107,12 @@ def test_builtin_datasets_are_deterministic_and_sound():
     assert len(Counter(e.label for e in plays)) == 37
     records = builtin_dataset("shakespeare-instruct")
     assert records == builtin_dataset("shakespeare-instruct") and len(records) == 1500
-    kinds = Counter(r.instruction for r in records)
-    assert kinds == {"Which play is this passage from?": 500, "Who speaks these lines?": 500, "Continue the passage.": 500}
+    kinds = Counter(getattr(r, "instruction", "conversation") for r in records)
+    assert kinds == {"Which play is this passage from?": 375, "Who speaks these lines?": 375, "Continue the passage.": 375,
+                     "conversation": 375}  # multi-turn: a system message and two questions about one passage
     titles = {title for title, _ in PLAYS.values()}
-    assert all(r.output in titles for r in records if r.instruction.startswith("Which play"))
-    assert all(r.output and r.input for r in records)
+    assert all(r.output in titles for r in records if getattr(r, "instruction", "").startswith("Which play"))
+    assert all(r.messages[2].content in titles for r in records if kinds.get(getattr(r, "instruction", None)) is None)
+    assert all(r.output and r.input for r in records if hasattr(r, "output"))
     with pytest.raises(ValueError, match="unknown built-in dataset"):
         builtin_dataset("shakespeare-sonnets")

@@ -26,7 +26,7 @@ from llm.checkpoint import save_checkpoint
 from llm.config import GPTConfig
 from llm.generate import complete
 from llm.model import GPT
-from llm.prompt_template import format_prompt
+from llm.chat_template import Message, get_template
 from llm.serve import main as serve_main
 from llm.serving.app import create_app
 from llm.serving.loading import load_served_model
@@ -46,13 +46,15 @@ def tokenizer():
     return train_bpe(["the quick brown fox jumps over the lazy dog; " * 4, "Below is an instruction."], 300)
 
 
-def write_checkpoint(path, tokenizer, task: str | None):
+def write_checkpoint(path, tokenizer, task: str | None, chat_template: str | None = None):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=CONTEXT, n_embd=32, n_layer=2, n_head=2)
     checkpoint = {"model": GPT(config).state_dict(), "model_config": config.to_dict(),
                   "tokenizer": tokenizer_to_dict(tokenizer), "step": 0}
     if task is not None:
         checkpoint["task"] = task
+    if chat_template is not None:
+        checkpoint["chat_template"] = chat_template
     save_checkpoint(path, checkpoint)
     return path
 
@@ -60,6 +62,11 @@ def write_checkpoint(path, tokenizer, task: str | None):
 @pytest.fixture(scope="module")
 def instruct_ckpt(tmp_path_factory, tokenizer):
     return write_checkpoint(tmp_path_factory.mktemp("serve") / "instruct.pt", tokenizer, "instruct")
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory, tokenizer):
+    return write_checkpoint(tmp_path_factory.mktemp("serve") / "chat.pt", tokenizer, "instruct", chat_template="chat")
 
 
 @pytest.fixture(scope="module")
@@ -246,25 +253,38 @@ def test_streaming_sends_one_event_per_token_as_they_are_generated(instruct_ckpt
     assert "".join(c["choices"][0]["text"] for c in chunks) == expected["choices"][0]["text"]
 
 
-def test_chat_uses_the_instruction_template(instruct_server):
-    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."}]
-    chat = instruct_server.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10,
-                                                               "temperature": 0})
-    assert chat.status_code == 200, chat.text
-    body = chat.json()
-    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
-    templated = instruct_server.post("/v1/completions", json={"prompt": format_prompt("Name a fox."),
-                                                               "max_tokens": 10, "temperature": 0}).json()
-    assert body["choices"][0]["message"]["content"] == templated["choices"][0]["text"]  # the system message is not used
-    assert body["usage"] == templated["usage"]
+def test_chat_prompts_the_whole_conversation_in_the_models_template(chat_ckpt, instruct_ckpt, tokenizer):
+    """Review defect 6: the system message and every earlier turn are part of the prompt, in
+    the checkpoint's own template; an Alpaca (single-turn) model keeps working."""
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a fox."},
+                {"role": "assistant", "content": "the fox"}, {"role": "user", "content": "And a dog?"}]
+    template = get_template("chat")
+    prompt_ids = template.prompt_ids([Message(**m) for m in messages], tokenizer)
+    with running(load_served_model(chat_ckpt, device="cpu")) as client:
+        assert health(client)["chat_template"] == "chat"
+        chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "temperature": 0})
+        assert chat.status_code == 200, chat.text
+        body = chat.json()
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        templated = client.post("/v1/completions", json={"prompt": prompt_ids, "max_tokens": 10,
+                                                          "temperature": 0}).json()
+        assert body["choices"][0]["message"]["content"] == templated["choices"][0]["text"]
+        assert body["usage"] == templated["usage"] and body["usage"]["prompt_tokens"] == len(prompt_ids)
+        stream_request = {"messages": messages, "max_tokens": 10, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=stream_request) as response:
+            events = list(sse_events(response))
+        assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+        streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert streamed == body["choices"][0]["message"]["content"]
 
-    stream_request = {"messages": messages[1:], "max_tokens": 10, "temperature": 0, "stream": True}
-    with instruct_server.stream("POST", "/v1/chat/completions", json=stream_request) as response:
-        events = list(sse_events(response))
-    assert events[0]["object"] == "chat.completion.chunk" and events[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
-    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
-    assert streamed == body["choices"][0]["message"]["content"]
+    alpaca = get_template("alpaca")
+    with running(load_served_model(instruct_ckpt, device="cpu")) as client:  # no "chat_template" key: alpaca
+        single = client.post("/v1/chat/completions", json={"messages": messages[1:2], "max_tokens": 5, "temperature": 0})
+        ids = alpaca.prompt_ids([Message("user", "Name a fox.")], tokenizer)
+        assert single.status_code == 200 and single.json()["usage"]["prompt_tokens"] == len(ids)
+        multi = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5})
+        assert multi.status_code == 400 and "single-turn" in multi.json()["error"]["message"]
 
 
 def test_serves_a_hugging_face_gpt2_folder_with_the_fused_ops(tmp_path):
@@ -294,7 +314,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [
     # (endpoint, JSON body or raw bytes, status, param, words the message must contain)
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "temperature"),
-    ("/v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, "temperature", "finite"),
+    ("/v1/completions", {"prompt": "x", "temperature": float("nan")}, 400, "temperature", "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": 0}, 400, "top_k", "top_k"),
@@ -302,7 +322,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens", "at most"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "integer"),
     ("/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt", "context"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs", "unknown field"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs", "less than or equal to 5"),
+    ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty", "less than or equal to 2"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", "outside the vocabulary"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "missing"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ("/v1/completions", {"prompt": "x", "stop": ""}, 400, "stop", "non-empty"),
@@ -314,7 +340,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "role"),
     ("/v1/chat/completions", {"messages": CHAT + [{"role": "assistant", "content": "x"}]}, 400, "messages", "user"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", "context"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", "unknown field"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 9}, 400, "n", "less than or equal to 8"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": []}, 400, "tools", "not supported"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs: true"),
     ("/v1/chat/completions", {"messages": CHAT, "stream": "yes"}, 400, "stream", "boolean"),
 ]
 

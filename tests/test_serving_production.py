@@ -216,10 +216,10 @@ def test_one_json_line_per_request_with_its_id_and_content_only_when_asked(instr
 
 
 def test_command_binds_loopback_without_keys_and_logs_its_start(lm_ckpt, monkeypatch, capsys):
-    import uvicorn
+    from llm.serving import server
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    monkeypatch.setattr(server, "serve", lambda app, **options: calls.append(options))
     for attribute in ("handlers", "level", "propagate"):  # the command sets up its logger: undone after
         monkeypatch.setattr(REQUEST_LOG, attribute, getattr(REQUEST_LOG, attribute))
     monkeypatch.setattr(REQUEST_LOG, "handlers", [])

@@ -12,6 +12,8 @@ tokenizer as its description), so loading it never runs pickled code:
   history              losses so far, for the loss curve
   task                 optional: "lm" (absent = "lm"), "classify" or "instruct" -- what the
                        model was fine-tuned for, so every command treats it accordingly
+  chat_template        instruct: the llm.chat_template name the model was trained with
+                       (absent: "alpaca", the single-turn template of older fine-tunes)
 
 Written by llm-finetune (llm.finetune.loop) instead of train_config:
   finetune_config      dataclasses.asdict(FinetuneConfig): llm-finetune --resume continues it

@@ -10,8 +10,8 @@ fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
     llm-generate --gpt2-weights ./gpt2 --prompt "Hello" --top-p 0.9
     llm-generate --checkpoint out-instruct/ckpt.pt --prompt "Who speaks these lines?" --input "..."
 
-An instruction model (checkpoint task "instruct") gets its prompt in the template it was
-trained with (llm.prompt_template) and prints only its response. --max-new-tokens is at
+An instruction model (checkpoint task "instruct") gets its prompt in the chat template it
+was trained with (llm.chat_template, recorded in the checkpoint) and prints only its reply. --max-new-tokens is at
 least 1 (a run that generates nothing is a mistake, not a request).
 """
 
@@ -28,6 +28,11 @@ from llm.cli import command, device_name, existing_file, existing_path, float_in
 from llm.model import GPT
 from llm.runtime import DEVICE_CHOICES
 from llm.text_stream import TextStream
+
+
+# Below this temperature sampling is greedy: logits / T would overflow to inf (3e-38 does),
+# and the distribution is an argmax in all but name long before that.
+GREEDY_BELOW = 1e-5
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -112,8 +117,8 @@ def sample_next_token(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B, 1)."""
-    if temperature == 0:
+    """logits (B, V) -> token ids (B, 1). Temperatures below GREEDY_BELOW are greedy."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)  # greedy
     logits = logits / temperature
     if top_k is not None:
@@ -128,6 +133,25 @@ def sample_next_token(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    counts: torch.Tensor | None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+) -> torch.Tensor:
+    """OpenAI's penalties and logit bias: logits (B, V) and counts (B, V), how often each token
+    appears in the text generated so far, -> logits[j] - counts[j] * frequency_penalty
+    - (counts[j] > 0) * presence_penalty + logit_bias[j]."""
+    if counts is not None and (presence_penalty or frequency_penalty):
+        logits = logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
+    if logit_bias:
+        ids = torch.tensor(list(logit_bias), device=logits.device)
+        logits = logits.index_add(-1, ids, torch.tensor(list(logit_bias.values()), device=logits.device,
+                                                        dtype=logits.dtype).expand(logits.shape[0], -1))
+    return logits
 
 
 def complete(
@@ -212,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Print samples: the prompt and its continuation, or for an instruction model (checkpoint
     task "instruct") the response to --prompt put in the instruction template."""
+    from llm.chat_template import checkpoint_template
     from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
-    from llm.prompt_template import format_prompt
     from llm.runtime import resolve_device
     from llm.weights import load_gpt2_with_tokenizer
 
@@ -231,8 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.input is not None and task != "instruct":
         raise ValueError("--input: only instruction models (llm-finetune --task instruct) take an input")
     model.to(resolve_device(args.device))
-    prompt = format_prompt(args.prompt, args.input) if task == "instruct" else args.prompt
-    prompt_ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
+    if task == "instruct":
+        template = checkpoint_template(checkpoint)
+        prompt_ids = template.prompt_ids(template.instruction_messages(args.prompt, args.input or ""), tokenizer)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     for i in range(args.num_samples):
         pieces = stream_text(
             model, tokenizer, prompt_ids, args.max_new_tokens, seed=args.seed + i, temperature=args.temperature,

@@ -1,32 +1,33 @@
 """llm-serve: serve a model over HTTP with OpenAI-shaped endpoints (FastAPI + uvicorn).
 
-    llm-serve --ckpt out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
-    llm-serve --ckpt ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
+    llm-serve --checkpoint out/ckpt.pt                       # a checkpoint of llm-train / llm-finetune
+    llm-serve --checkpoint ./gpt2 --device cuda --use-fused  # a Hugging Face GPT-2 folder
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
-    llm-serve --ckpt out/ckpt.pt --api-key "$KEY" --requests-per-minute 60 --tokens-per-minute 20000
+    llm-serve --checkpoint out/ckpt.pt --api-key "$KEY" --requests-per-minute 60 --tokens-per-minute 20000
 
 The model loads once; requests are decoded together, one forward per step for all of
-them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. With API
-keys (--api-key, LLM_SERVE_API_KEYS, --api-key-file) every /v1/* request needs one, and the
-server listens on every interface unless --host says otherwise; without keys it listens
-on 127.0.0.1 only unless --host is given. One JSON line per request goes to stderr.
+them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. SIGTERM or
+Ctrl-C: no new requests (503), those in flight get --drain-timeout seconds, exit status 0.
+With API keys (--api-key, LLM_SERVE_API_KEYS, --api-key-file) every /v1/* request needs
+one, and the server listens on every interface unless --host says otherwise; without keys
+it listens on 127.0.0.1 only unless --host is given. One JSON line per request goes to stderr.
 """
 
 from __future__ import annotations
 
 from llm.cli import command, device_name, float_in, int_in, new_parser
-from llm.serving.auth import KEYS_ENV, load_api_keys
 from llm.runtime import DEVICE_CHOICES
-from llm.serving.engine import DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
+from llm.serving.auth import KEYS_ENV, load_api_keys
+from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
 PROG = "llm-serve"
 
 
 def build_parser():
     parser = new_parser(PROG, __doc__)
-    parser.add_argument("--ckpt", required=True,
+    parser.add_argument("--checkpoint", "--ckpt", dest="checkpoint", required=True,
                         help="an llm checkpoint file (task lm or instruct) or a Hugging Face GPT-2 folder")
     parser.add_argument("--host", help="address to listen on (0.0.0.0: every interface; default: 0.0.0.0 with "
                                        "API keys, 127.0.0.1 without)")
@@ -40,7 +41,9 @@ def build_parser():
                         help="requests waiting beyond --max-concurrency before 429 (default %(default)s)")
     parser.add_argument("--timeout", type=float_in(0, min_open=True), default=DEFAULT_TIMEOUT_S,
                         help="seconds a request may take, queueing included (default %(default)s)")
-    parser.add_argument("--model-name", help="the model id clients pass (default: the --ckpt file or folder name)")
+    parser.add_argument("--drain-timeout", type=float_in(0), default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM / Ctrl-C, seconds the requests in flight may still take (default %(default)s)")
+    parser.add_argument("--model-name", help="the model id clients pass (default: the --checkpoint file or folder name)")
     parser.add_argument("--api-key", action="append", metavar="KEY",
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeatable; also "
                              f"{KEYS_ENV}=k1,k2 and --api-key-file)")
@@ -60,19 +63,19 @@ def build_parser():
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:  # after parsing, so --help and bad options answer at once
-        import uvicorn
-
         from llm.serving.app import create_app, kernel_backends
         from llm.serving.loading import load_served_model
         from llm.serving.request_log import log_startup, log_to_stderr
+        from llm.serving.server import serve
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
     keys = load_api_keys(args.api_key or [], args.api_key_file)
     host = args.host or ("0.0.0.0" if keys else "127.0.0.1")
-    served = load_served_model(args.ckpt, device=args.device, use_fused=args.use_fused, name=args.model_name)
+    served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)
     limits = dict(max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
-                  requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
+                  drain_timeout_s=args.drain_timeout, requests_per_minute=args.requests_per_minute,
+                  tokens_per_minute=args.tokens_per_minute)
     app = create_app(served, **limits, api_keys=keys, log_content=args.log_content)
     print(f"{PROG}: serving {served.name!r} ({served.task}, {served.model.num_parameters():,} parameters) "
           f"on {served.device}", flush=True)
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     log_startup(model=served.name, task=served.task, parameters=served.model.num_parameters(),
                 device=served.device, use_fused=served.use_fused, kernel_backends=kernel_backends(served),
                 host=host, port=args.port, api_keys=len(keys), log_content=args.log_content, **limits)
-    uvicorn.run(app, host=host, port=args.port, log_level=args.log_level, access_log=False)  # ours: JSON lines
+    serve(app, host=host, port=args.port, log_level=args.log_level, access_log=False)  # ours: JSON lines
+    print(f"{PROG}: stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm.chat_template import DEFAULT_TEMPLATE, TEMPLATES
 from llm.checkpoint import TASKS
 from llm.data import DEFAULT_DATA_DIR
 
@@ -36,6 +37,7 @@ class FinetuneConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     train_on_prompt: bool = False  # instruct: keep the prompt tokens in the loss
+    chat_template: str = DEFAULT_TEMPLATE  # instruct: llm.chat_template's name, recorded in the checkpoint
     # optimisation (as llm.train's TrainConfig, with fine-tuning's defaults)
     batch_size: int = 8
     grad_accum_steps: int = 1
@@ -62,6 +64,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.chat_template not in TEMPLATES:
+            raise ValueError(f"chat_template must be one of {', '.join(TEMPLATES)}, got {self.chat_template!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.resume and self.overwrite:

@@ -4,8 +4,10 @@
   line means tab-separated, read literally (no quoting), so the SMS Spam Collection's
   `ham<TAB>Go until jurong point...` file reads as it is; otherwise comma-separated with
   CSV quoting. A first row "label,text" (any case) is a header and skipped.
-- Instruction records: a JSON list of objects, or JSONL (one object per line), each with
-  "instruction" and "output" strings and an optional "input" string (Alpaca's format).
+- Instruction records: a JSON list of objects, or JSONL (one object per line), each either
+  Alpaca's {"instruction", "input" (optional), "output"} strings or OpenAI's fine-tuning
+  format {"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}, a
+  conversation with at least one assistant message (the turns the model learns).
 Malformed input raises ValueError naming the file, the line and the field.
 """
 
@@ -17,6 +19,8 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm.chat_template import ROLES, Message
 
 SPLITS = ("train", "val", "test")
 
@@ -32,6 +36,13 @@ class Instruction:
     instruction: str
     input: str
     output: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A multi-turn record: the model learns every assistant message."""
+
+    messages: tuple[Message, ...]
 
 
 def read_labelled_text(path: str | Path) -> list[LabelledText]:
@@ -65,28 +76,49 @@ def read_labelled_text(path: str | Path) -> list[LabelledText]:
     return examples
 
 
-def read_instructions(path: str | Path) -> list[Instruction]:
+def read_instructions(path: str | Path) -> list[Instruction | Conversation]:
     """Records from a .json list or from JSON lines (.jsonl, or any file not starting with '[')."""
     path = Path(path)
     text = _read_text(path)
     records = []
     for line, record in _json_records(path, text):
+        where = f"{path}, line {line}"
         if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {line}: expected an object with 'instruction' and 'output', "
+            raise ValueError(f"{where}: expected an object with 'instruction' and 'output' (or 'messages'), "
                              f"found {type(record).__name__}")
-        for field_name in ("instruction", "output"):
-            if field_name not in record:
-                raise ValueError(f"{path}, line {line}: field {field_name!r} is missing")
-        for field_name in ("instruction", "input", "output"):
-            if not isinstance(record.get(field_name, ""), str):
-                raise ValueError(f"{path}, line {line}: field {field_name!r} must be a string, "
-                                 f"found {type(record[field_name]).__name__}")
-        if not record["instruction"].strip():
-            raise ValueError(f"{path}, line {line}: field 'instruction' is empty")
-        records.append(Instruction(record["instruction"], record.get("input", ""), record["output"]))
+        records.append(_conversation(where, record["messages"]) if "messages" in record else _instruction(where, record))
     if not records:
         raise ValueError(f"{path}: no instruction records")
     return records
+
+
+def _instruction(where: str, record: dict) -> Instruction:
+    for field_name in ("instruction", "output"):
+        if field_name not in record:
+            raise ValueError(f"{where}: field {field_name!r} is missing")
+    for field_name in ("instruction", "input", "output"):
+        if not isinstance(record.get(field_name, ""), str):
+            raise ValueError(f"{where}: field {field_name!r} must be a string, "
+                             f"found {type(record[field_name]).__name__}")
+    if not record["instruction"].strip():
+        raise ValueError(f"{where}: field 'instruction' is empty")
+    return Instruction(record["instruction"], record.get("input", ""), record["output"])
+
+
+def _conversation(where: str, messages) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    parsed = []
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {', '.join(ROLES)}, "
+                             f"'content': a string}}, found {json.dumps(message)[:80]}")
+        if message["role"] == "system" and i > 0:
+            raise ValueError(f"{where}: messages[{i}]: a system message may only come first")
+        parsed.append(Message(message["role"], message["content"]))
+    if not any(m.role == "assistant" for m in parsed):
+        raise ValueError(f"{where}: field 'messages' has no assistant message to learn from")
+    return Conversation(tuple(parsed))
 
 
 def _json_records(path: Path, text: str):

@@ -1,13 +1,13 @@
-"""Instruction fine-tuning: Alpaca-style records through the one prompt template
-(llm.prompt_template), the response followed by <|endoftext|>, and the loss on response
-tokens only.
+"""Instruction fine-tuning: Alpaca-style records and multi-turn conversations through the
+model's chat template (llm.chat_template), each assistant reply followed by <|endoftext|>,
+and the loss on assistant replies only.
 
-Each record becomes prompt ids + response ids + [eot], cut to context + 1 tokens. The
-input x is all but the last token and the target y all but the first (next-token
-prediction); targets that are prompt tokens are -1, which the model's loss ignores, so
-the prompt conditions the response without being trained on (unless train_on_prompt).
-A batch is padded to its longest row, not to the context: inputs with <|endoftext|>,
-targets with -1.
+Each record becomes the template's ids with a per-token "trained" flag, cut to context + 1
+tokens. The input x is all but the last token and the target y all but the first
+(next-token prediction); targets that are not reply tokens (system, user, the markers) are
+-1, which the model's loss ignores, so they condition the replies without being trained
+on (unless train_on_prompt). A batch is padded to its longest row, not to the context:
+inputs with <|endoftext|>, targets with -1.
 """
 
 from __future__ import annotations
@@ -15,47 +15,56 @@ from __future__ import annotations
 import tiktoken
 import torch
 
-from llm.finetune.datasets import Instruction
+from llm.chat_template import ChatTemplate, Message
+from llm.finetune.datasets import Conversation, Instruction
 from llm.generate import generate
-from llm.prompt_template import format_prompt
 
 IGNORE = -1  # GPT.forward's ignore_index
 
 
-def encode_record(record: Instruction, tokenizer: tiktoken.Encoding) -> tuple[list[int], int]:
-    """(prompt + response + [eot] ids, number of prompt tokens)."""
-    prompt = tokenizer.encode_ordinary(format_prompt(record.instruction, record.input))
-    response = tokenizer.encode_ordinary(record.output) + [tokenizer.eot_token]
-    return prompt + response, len(prompt)
+def record_messages(record: Instruction | Conversation, template: ChatTemplate) -> list[Message]:
+    """The whole record as a conversation (an Alpaca record: one user turn, one reply)."""
+    if isinstance(record, Conversation):
+        return list(record.messages)
+    return template.instruction_messages(record.instruction, record.input) + [Message("assistant", record.output)]
+
+
+def encode_record(record: Instruction | Conversation, tokenizer: tiktoken.Encoding,
+                  template: ChatTemplate) -> tuple[list[int], list[bool]]:
+    """(ids, trained): the template's ids and which of them are reply tokens the loss sees."""
+    return template.training_ids(record_messages(record, template), tokenizer)
 
 
 def collate_instructions(
-    rows: list[tuple[list[int], int]], context: int, pad_token: int, train_on_prompt: bool = False
+    rows: list[tuple[list[int], list[bool]]], context: int, pad_token: int, train_on_prompt: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, prompt length) rows -> x, y (B, T) with T = the longest row's length - 1, at most context."""
-    cut = [ids[: context + 1] for ids, _ in rows]
-    T = max(len(ids) for ids in cut) - 1
+    """(ids, trained) rows -> x, y (B, T) with T = the longest row's length - 1, at most context."""
+    cut = [(ids[: context + 1], trained[: context + 1]) for ids, trained in rows]
+    T = max(len(ids) for ids, _ in cut) - 1
     x = torch.full((len(rows), T), pad_token)
     y = torch.full((len(rows), T), IGNORE)
-    for i, (ids, (_, prompt_length)) in enumerate(zip(cut, rows)):
+    for i, (ids, trained) in enumerate(cut):
         n = len(ids) - 1
         x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor(ids[1:])
+        targets = torch.tensor(ids[1:])  # y[j] = ids[j + 1]: trained when token j + 1 is
         if not train_on_prompt:
-            y[i, : prompt_length - 1] = IGNORE  # y[j] = ids[j + 1]: prompt tokens up to index prompt_length - 1
+            targets = targets.masked_fill(~torch.tensor(trained[1:]), IGNORE)
+        y[i, :n] = targets
     return x, y
 
 
 class InstructionSet:
-    """Encoded records; records whose prompt alone fills the context have no response
-    token left to learn from and are dropped (counted in `dropped`). `num_windows` and
+    """Encoded records; records whose first reply token lies past the context have nothing
+    left to learn from and are dropped (counted in `dropped`). `num_windows` and
     `batch(indices, device)` are what llm.data.BatchLoader reads."""
 
-    def __init__(self, records: list[Instruction], tokenizer: tiktoken.Encoding, context: int, train_on_prompt: bool):
-        encoded = [(record, *encode_record(record, tokenizer)) for record in records]
-        kept = [(record, ids, n) for record, ids, n in encoded if n < context]
-        self.records = [record for record, _, _ in kept]
-        self.rows = [(ids, n) for _, ids, n in kept]
+    def __init__(self, records: list[Instruction | Conversation], tokenizer: tiktoken.Encoding, context: int,
+                 train_on_prompt: bool, template: ChatTemplate):
+        encoded = [(record, encode_record(record, tokenizer, template)) for record in records]
+        kept = [(record, row) for record, row in encoded if row[1].index(True) < context]
+        self.records = [record for record, _ in kept]
+        self.rows = [row for _, row in kept]
+        self.template = template
         self.dropped = len(records) - len(kept)
         self.context = context
         self.pad_token = tokenizer.eot_token
@@ -87,11 +96,19 @@ def response_loss(model, data: InstructionSet, batch_size: int, device, autocast
     return {"examples": data.num_windows, "loss": loss, "perplexity": float(torch.tensor(loss).exp())}
 
 
+def held_out_turn(record: Instruction | Conversation, template: ChatTemplate) -> tuple[list[Message], str]:
+    """(the conversation before the record's last reply, that reply): what an answer is judged on."""
+    messages = record_messages(record, template)
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    return messages[:last], messages[last].content
+
+
 @torch.no_grad()
-def answer(model, tokenizer: tiktoken.Encoding, record: Instruction, max_new_tokens: int) -> str:
-    """The model's greedy response to the record's prompt, up to <|endoftext|>."""
+def answer(model, tokenizer: tiktoken.Encoding, record: Instruction | Conversation, max_new_tokens: int,
+           template: ChatTemplate) -> str:
+    """The model's greedy reply to the record's conversation before its last reply, up to <|endoftext|>."""
     device = next(model.parameters()).device
-    prompt = tokenizer.encode_ordinary(format_prompt(record.instruction, record.input))
+    prompt = template.prompt_ids(held_out_turn(record, template)[0], tokenizer)
     budget = min(max_new_tokens, model.config.context_length - len(prompt))
     if budget < 1:
         return ""
@@ -99,8 +116,8 @@ def answer(model, tokenizer: tiktoken.Encoding, record: Instruction, max_new_tok
     return tokenizer.decode([t for t in out[0, len(prompt) :].tolist() if t != tokenizer.eot_token])
 
 
-def answers(model, tokenizer: tiktoken.Encoding, records: list[Instruction], max_new_tokens: int) -> list[str]:
-    return [answer(model, tokenizer, record, max_new_tokens) for record in records]
+def answers(model, tokenizer: tiktoken.Encoding, records: list, max_new_tokens: int, template: ChatTemplate) -> list[str]:
+    return [answer(model, tokenizer, record, max_new_tokens, template) for record in records]
 
 
 def exact_match(predicted: list[str], expected: list[str]) -> float:

@@ -120,6 +120,8 @@ def finetune(cfg: FinetuneConfig, resume_from: dict | None = None) -> dict:
             "history": history,
             "evaluation": {"before": before},
         }
+        if cfg.task == "instruct":
+            checkpoint["chat_template"] = cfg.chat_template  # how every command prompts this model
         if isinstance(model, GPTClassifier):
             checkpoint["classifier"] = classifier_state(model, initial_head)
         if cfg.lora_rank:

@@ -6,7 +6,8 @@ the same splits, on every machine.
                         Pericles, not in the Folio, with the comedies), balanced classes
   shakespeare-play      passage -> which of the 37 plays, balanced classes
   shakespeare-instruct  instruction records: which play is this passage from, who speaks
-                        these lines, continue the passage
+                        these lines, continue the passage; and multi-turn conversations (a
+                        system message, then both questions about one passage)
 
 A passage is the start of one speech (at most PASSAGE_LINES lines). Speeches are found by
 the plays' layout: a paragraph whose first line is the speaker's name (e.g. "HAMLET." or
@@ -20,7 +21,8 @@ import random
 import re
 
 from llm.data import DEFAULT_CORPUS_DIR, read_document
-from llm.finetune.datasets import Instruction, LabelledText
+from llm.chat_template import Message
+from llm.finetune.datasets import Conversation, Instruction, LabelledText
 
 # file stem -> (title, genre)
 PLAYS = {
@@ -117,8 +119,11 @@ def classification_examples(by: str, per_class: int, seed: int) -> list[Labelled
     return examples
 
 
-def instruction_records(count: int, seed: int) -> list[Instruction]:
-    """`count` records, the three kinds in turn, from speeches drawn at random (seeded).
+SYSTEM = "You answer questions about Shakespeare's plays."
+
+
+def instruction_records(count: int, seed: int) -> list[Instruction | Conversation]:
+    """`count` records, the four kinds in turn, from speeches drawn at random (seeded).
     Inputs are two lines at most, so that a prompt fits the tiny preset's 128-token context."""
     rng = random.Random(seed)
     pool = [(PLAYS[stem][0], speaker, spoken) for stem in PLAYS for speaker, spoken in speeches(stem)]
@@ -126,12 +131,20 @@ def instruction_records(count: int, seed: int) -> list[Instruction]:
     records = []
     for i in range(count):
         title, speaker, spoken = rng.choice(pool)
-        if i % 3 == 0:
+        if i % 4 == 0:
             records.append(Instruction("Which play is this passage from?", "\n".join(spoken[:2]), title))
-        elif i % 3 == 1:
+        elif i % 4 == 1:
             records.append(Instruction("Who speaks these lines?", "\n".join(spoken[:2]), speaker))
-        else:
+        elif i % 4 == 2:
             records.append(Instruction("Continue the passage.", spoken[0], spoken[1]))
+        else:  # a follow-up question: the second answer needs the first turn's passage
+            records.append(Conversation((
+                Message("system", SYSTEM),
+                Message("user", "Which play is this passage from?\n\n" + "\n".join(spoken[:2])),
+                Message("assistant", title),
+                Message("user", "Who speaks these lines?"),
+                Message("assistant", speaker),
+            )))
     return records
 
 

@@ -19,7 +19,8 @@ from llm.data import TokenWindows, prepare_data
 from llm.finetune.classify import ClassificationSet, GPTClassifier, classification_loss, classification_metrics
 from llm.finetune.config import FinetuneConfig
 from llm.finetune.datasets import read_instructions, read_labelled_text, split_examples
-from llm.finetune.instruct import InstructionSet, answers, exact_match, response_loss
+from llm.chat_template import get_template
+from llm.finetune.instruct import InstructionSet, answers, exact_match, held_out_turn, response_loss
 from llm.finetune.shakespeare import BUILTIN_DATASETS, builtin_dataset
 from llm.model import GPT
 from llm.train import estimate_loss, next_token_loss
@@ -97,13 +98,15 @@ class ClassifyTask:
 
 
 class InstructTask:
-    """Instruction records -> responses, loss on response tokens (llm.finetune.instruct)."""
+    """Instruction records and conversations -> replies in the chat template cfg.chat_template,
+    loss on reply tokens (llm.finetune.instruct)."""
 
     name = "instruct"
 
     def __init__(self, cfg: FinetuneConfig, tokenizer: tiktoken.Encoding, context: int, labels=None):
         splits = split_examples(load_examples(cfg, read_instructions), cfg.val_fraction, cfg.test_fraction, SPLIT_SEED)
-        self.sets = {name: InstructionSet(records, tokenizer, context, cfg.train_on_prompt)
+        self.template = get_template(cfg.chat_template)
+        self.sets = {name: InstructionSet(records, tokenizer, context, cfg.train_on_prompt, self.template)
                      for name, records in splits.items()}  # fmt: skip
         self.train_set = self.sets["train"]
         self.cfg = cfg
@@ -123,11 +126,13 @@ class InstructTask:
     def report(self, model, tokenizer, device, autocast) -> dict:
         report = {split: self.metrics(model, split, device, autocast) for split in ("val", "test")}
         held_out = self.sets["test"].records[: self.cfg.answer_count]
-        replies = answers(model, tokenizer, held_out, self.cfg.answer_tokens)
-        report["test"]["exact_match"] = exact_match(replies, [r.output for r in held_out])
+        replies = answers(model, tokenizer, held_out, self.cfg.answer_tokens, self.template)
+        turns = [held_out_turn(record, self.template) for record in held_out]  # (conversation, expected reply)
+        report["test"]["exact_match"] = exact_match(replies, [expected for _, expected in turns])
         report["test"]["answers"] = [
-            {"instruction": r.instruction, "input": r.input, "expected": r.output, "answer": reply}
-            for r, reply in zip(held_out, replies)
+            {"instruction": getattr(record, "instruction", messages[-1].content), "input": getattr(record, "input", ""),
+             "expected": expected, "answer": reply}
+            for record, (messages, expected), reply in zip(held_out, turns, replies)
         ]
         return report
 

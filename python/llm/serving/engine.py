@@ -6,10 +6,17 @@
 Between decode steps the engine admits waiting requests (up to `max_batch` rows), drops
 finished, cancelled and timed-out ones, and moves the last row into a freed row so the
 active requests always fill rows [0, n) of the RowKVCache and one forward covers them.
-Each request samples with its own temperature / top-k / top-p and its own seeded
-torch.Generator, so batching never mixes sampling settings. The model runs only on this
-thread, never on the server's event loop; results go back through each request's
-`deliver` callback (called on this thread).
+Each request samples with its own settings (temperature, top-k / top-p, penalties, logit
+bias) and its own seeded torch.Generator, so batching never mixes sampling settings. The
+model runs only on this thread, never on the server's event loop; results go back through
+each request's `deliver` callback (called on this thread).
+
+Isolation: everything one request does on its own (its prefill, its sampling, its text
+and stop sequences) runs under its own guard, so its failure ends that request alone. A
+failure of the shared batched forward, or any bug in the engine's own bookkeeping, ends
+the requests in flight with an error, never the thread; and should the thread stop, every
+request it held or had queued is ended. Every submitted request ends exactly once
+(`_end`), and only that frees its place, so capacity always returns to full.
 
 With use_fused, a prefill (one row) runs the model's fused attention; a decode step whose
 rows differ in length uses PyTorch's SDPA with a per-row mask, since the fused kernels take
@@ -23,6 +30,7 @@ can rarely flip a sampled token.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -32,34 +40,62 @@ from typing import Callable
 import tiktoken
 import torch
 
-from llm.generate import sample_next_token
+from llm.generate import adjust_logits, sample_next_token
 from llm.model import GPT
 from llm.serving.row_cache import RowKVCache
 from llm.text_stream import TextStream
 
 log = logging.getLogger("llm.serve")
 DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S = 8, 32, 120.0  # rows, waiting requests, seconds
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # on shutdown, what the requests in flight may still take
+
+
+class EngineBusy(Exception):
+    """Every row and queue place is taken (HTTP 429)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine is stopping, draining for shutdown, or its thread has stopped (HTTP 503)."""
+
+
+@dataclass
+class Sampling:
+    """One request's sampling settings (OpenAI's names; top_k is ours)."""
+
+    temperature: float = 1.0  # below llm.generate.GREEDY_BELOW: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the k most likely
+    prompt_logprobs: bool = False  # also the prompt tokens' logprobs (completions' echo)
 
 
 @dataclass
 class GenerationRequest:
     """What to generate, and where the events go. `deliver` receives, on the engine
-    thread, {"type": "text", "text"} once per generated token (text may be "" while a
-    character or a possible stop sequence is incomplete), then exactly one of
-    {"type": "done", "finish_reason": "stop" | "length" | "timeout", "text": the rest,
-    "prompt_tokens", "completion_tokens"} or {"type": "error", "message"}."""
+    thread:
+      {"type": "prompt", "logprobs", "top_logprobs"}   with sampling.prompt_logprobs, first
+      {"type": "text", "text", "token", "logprob"?, "top_logprobs"?} once per generated
+          token (text may be "" while a character or a possible stop sequence is incomplete)
+    then exactly one of
+      {"type": "done", "finish_reason": "stop" | "length" | "timeout", "text": the rest,
+       "prompt_tokens", "completion_tokens"}
+      {"type": "error", "status": 500 | 503, "message"}.
+    A cancelled request gets nothing more. Logprobs are the model's own (log-softmax of its
+    logits, before temperature, penalties and logit bias): [(token id, logprob), ...]."""
 
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
-    seed: int
+    sampling: Sampling
     stop: list[str]
     timeout_s: float
     deliver: Callable[[dict], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float = 0.0  # time.monotonic() past which it ends with "timeout"; set by submit
+    ended: bool = False  # its last event is sent (engine thread only)
 
     def cancel(self) -> None:
         """Stop generating (the client went away); harmless once finished."""
@@ -73,9 +109,11 @@ class _Slot:
     request: GenerationRequest
     generator: torch.Generator
     text: TextStream
+    counts: torch.Tensor | None  # (1, V) tokens generated so far, when penalties need them
     last_token: int = 0
     completion_tokens: int = 0
     finished: bool = False
+    token_logprobs: dict | None = None  # the sampled token's, until _take sends it
 
 
 class BatchingEngine:
@@ -84,77 +122,134 @@ class BatchingEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = weight.device
+        self.vocab_size = model.config.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = RowKVCache(model.config, max_batch, weight.device, weight.dtype)
         self._slots: list[_Slot] = []  # engine thread only; slot i <-> cache row i
+        self._in_hand: list[GenerationRequest] = []  # taken from pending, not yet a slot (engine thread)
         self._pending: collections.deque[GenerationRequest] = collections.deque()
-        self._admitted = 0  # pending + active, changed under _wake
+        self._admitted = 0  # submitted and not yet ended; changed under _wake
         self._wake = threading.Condition()
         self._stopping = False
+        self._stopped = False  # the engine thread has ended (or never ran its loop)
+        self._drain_deadline: float | None = None  # time.monotonic(); set once shutdown begins
         self._thread: threading.Thread | None = None
         self.stats = dict(completed=0, cancelled=0, timed_out=0, rejected=0, failed=0,
                           tokens_generated=0, prefills=0, decode_steps=0, largest_batch=0)
         self.on_decode_step: Callable[[int], None] | None = None  # called with the rows of each decode step
 
-    # ------------------------------------------------------------------ control
+    # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llm-serve-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """End every request (error: shutting down) and the thread."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
 
+    def begin_drain(self, timeout_s: float) -> None:
+        """Shutdown: admit nothing new (submit raises EngineUnavailable); requests in flight
+        go on for at most timeout_s more, then end with finish_reason "length"."""
+        with self._wake:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + timeout_s
+                log.info("draining: %d request(s) in flight get at most %g s", self._admitted, timeout_s)
+            self._wake.notify()
+
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
 
-    def submit(self, request: GenerationRequest) -> bool:
-        """Queue a request; False (and nothing queued) when max_batch + max_queue are taken."""
+    def unavailable_reason(self) -> str | None:
+        """Why submit would refuse with 503 now; None when it can serve."""
+        if self._stopping or self._drain_deadline is not None:
+            return "the server is shutting down"
+        if not self.alive:
+            return "the generation thread has stopped"
+        return None
+
+    def submit(self, *requests: GenerationRequest) -> None:
+        """Queue the requests, all or none: EngineBusy when max_batch + max_queue cannot take
+        them all, EngineUnavailable when the engine cannot serve."""
         with self._wake:
-            if self._admitted >= self.max_batch + self.max_queue:
-                self.stats["rejected"] += 1
-                return False
-            request.deadline = time.monotonic() + request.timeout_s
-            self._pending.append(request)
-            self._admitted += 1
+            reason = self.unavailable_reason()
+            if reason is not None:
+                raise EngineUnavailable(reason)
+            if self._admitted + len(requests) > self.max_batch + self.max_queue:
+                self.stats["rejected"] += len(requests)
+                raise EngineBusy()
+            for request in requests:
+                request.deadline = time.monotonic() + request.timeout_s
+                self._pending.append(request)
+                self._admitted += 1
             self._wake.notify()
-        return True
 
     def load(self) -> dict:
         """Requests generating and waiting now (read from another thread: a snapshot)."""
         active = sum(not slot.finished for slot in list(self._slots))  # finished ones leave after the step
         return {"active": active, "queued": len(self._pending)}
 
+    @property
+    def admitted(self) -> int:
+        """Submitted requests not yet ended (0 when idle: nothing holds a place)."""
+        return self._admitted
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not (self._stopping or self._pending or self._slots):
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    arrivals = []
-                    while self._pending and len(self._slots) + len(arrivals) < self.max_batch:
-                        arrivals.append(self._pending.popleft())
-                    waiting = list(self._pending)
-                try:
-                    for request in waiting:  # ends queued requests that timed out or were cancelled
-                        self._check_queued(request)
-                    for request in arrivals:
-                        self._admit(request)
-                    if self._slots:
-                        self._step()
-                except Exception as error:  # a bug here fails the requests in flight, never the engine
-                    log.exception("generation failed")
-                    self._fail_all(f"generation failed: {type(error).__name__}: {error}")
-        self._fail_all("the server is shutting down")
-        for request in self._pending:
-            self._fail(request, "the server is shutting down")
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while not (self._stopping or self._pending or self._slots):
+                            self._wake.wait()
+                        if self._stopping:
+                            break
+                        self._in_hand = []
+                        while self._pending and len(self._slots) + len(self._in_hand) < self.max_batch:
+                            self._in_hand.append(self._pending.popleft())
+                        waiting = list(self._pending)
+                    try:
+                        self._end_past_drain(waiting)
+                        for request in waiting:  # ends queued requests that timed out or were cancelled
+                            self._check_queued(request)
+                        for request in list(self._in_hand):
+                            self._admit(request)
+                        self._in_hand = []
+                        if self._slots:
+                            self._step()
+                    except Exception as error:  # a bug here fails the requests in flight, never the engine
+                        log.exception("generation failed")
+                        self._fail_in_flight(f"generation failed: {type(error).__name__}: {error}")
+        finally:  # stopping, or the thread itself failing: nothing it held may be left without an answer
+            with self._wake:
+                self._stopped = True
+                left = list(self._pending)
+                self._pending.clear()
+            message = "the server is shutting down" if self._stopping else "the generation thread stopped"
+            self._fail_in_flight(message, status=503)
+            for request in left:
+                self._end(request, {"type": "error", "status": 503, "message": message})
+
+    def _end_past_drain(self, waiting: list[GenerationRequest]) -> None:
+        """Past the drain deadline: active requests end with what they have ("length");
+        queued ones, never started, with an error."""
+        if self._drain_deadline is None or time.monotonic() < self._drain_deadline:
+            return
+        for slot in self._slots:
+            if not slot.finished:
+                self._finish(slot, "length")
+        self._drop_finished()
+        for request in waiting + self._in_hand:
+            with self._wake:
+                if request in self._pending:
+                    self._pending.remove(request)
+            self._end(request, {"type": "error", "status": 503,
+                                "message": "the server shut down before this request started"})
+        self._in_hand = []
 
     def _check_queued(self, request: GenerationRequest) -> None:
         if request.cancelled.is_set() or time.monotonic() > request.deadline:
@@ -168,12 +263,10 @@ class BatchingEngine:
     def _end_unstarted(self, request: GenerationRequest) -> None:
         """A request that ends before its prefill: cancelled, or out of time in the queue."""
         if request.cancelled.is_set():
-            self.stats["cancelled"] += 1
+            self._end(request, None)
         else:
-            self.stats["timed_out"] += 1
-            self._send(request, {"type": "done", "finish_reason": "timeout", "text": "",
-                                 "prompt_tokens": len(request.prompt_ids), "completion_tokens": 0})
-        self._release()
+            self._end(request, {"type": "done", "finish_reason": "timeout", "text": "",
+                                "prompt_tokens": len(request.prompt_ids), "completion_tokens": 0})
 
     def _admit(self, request: GenerationRequest) -> None:
         """Prefill the prompt alone in the next free row, then sample its first token."""
@@ -181,28 +274,33 @@ class BatchingEngine:
             self._end_unstarted(request)
             return
         row = len(self._slots)
-        slot = _Slot(request, torch.Generator(device=self.device).manual_seed(request.seed),
-                     TextStream(self.tokenizer, request.stop))
+        sampling = request.sampling
+        penalized = bool(sampling.presence_penalty or sampling.frequency_penalty)
+        slot = _Slot(request, torch.Generator(device=self.device).manual_seed(sampling.seed),
+                     TextStream(self.tokenizer, request.stop),
+                     torch.zeros(1, self.vocab_size, device=self.device) if penalized else None)
         try:
             self.cache.clear_row(row)
             self.cache.select(row, row + 1)
             prompt = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
             logits, _ = self.model(prompt, kv_cache=self.cache)  # (1, T, V)
+            self.stats["prefills"] += 1
+            if sampling.prompt_logprobs:
+                self._send(request, {"type": "prompt", **self._prompt_logprobs(request, logits[0].float())})
             token = self._sample(slot, logits[:, -1].float())  # (1, 1)
+            self._slots.append(slot)
+            self._take(slot, token.item())
         except Exception as error:  # this request fails; the engine and the others go on
             log.exception("prefill failed")
-            self._fail(request, f"generation failed: {type(error).__name__}: {error}")
-            return
-        self.stats["prefills"] += 1
-        self._slots.append(slot)
-        self._take(slot, token.item())
+            slot.finished = True
+            self._end(request, {"type": "error", "status": 500,
+                                "message": f"generation failed: {type(error).__name__}: {error}"})
         self._drop_finished()
 
     def _step(self) -> None:
-        """One decode step for every active row: one forward, then per-row sampling."""
+        """One decode step for every active row: one forward, then each row samples on its own."""
         for slot in self._slots:
             if slot.request.cancelled.is_set():
-                self.stats["cancelled"] += 1
                 self._finish(slot, None)
             elif time.monotonic() > slot.request.deadline:
                 self._finish(slot, "timeout")
@@ -210,38 +308,79 @@ class BatchingEngine:
         if not self._slots:
             return
         n = len(self._slots)
-        try:
-            self.cache.select(0, n)
-            tokens = torch.tensor([[slot.last_token] for slot in self._slots], device=self.device)  # (n, 1)
-            logits, _ = self.model(tokens, kv_cache=self.cache)  # (n, 1, V)
-            logits = logits[:, -1].float()  # (n, V)
-            sampled = torch.cat([self._sample(slot, logits[i : i + 1]) for i, slot in enumerate(self._slots)])  # (n, 1)
-        except Exception as error:  # a failed step fails the rows in it, never the server
-            log.exception("decode step failed")
-            self._fail_all(f"generation failed: {type(error).__name__}: {error}")
-            return
+        self.cache.select(0, n)
+        tokens = torch.tensor([[slot.last_token] for slot in self._slots], device=self.device)  # (n, 1)
+        logits, _ = self.model(tokens, kv_cache=self.cache)  # (n, 1, V); a failure here ends the batch
+        logits = logits[:, -1].float()  # (n, V)
         self.stats["decode_steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
         if self.on_decode_step is not None:
             self.on_decode_step(n)
-        for slot, token in zip(self._slots, sampled[:, 0].tolist()):
-            self._take(slot, token)
+        sampled = {}  # row -> (1, 1); read back from the device all at once below
+        for i, slot in enumerate(self._slots):
+            with self._guard(slot):
+                sampled[i] = self._sample(slot, logits[i : i + 1])
+        if sampled:
+            rows = list(sampled)
+            for i, token in zip(rows, torch.cat([sampled[i] for i in rows])[:, 0].tolist()):
+                with self._guard(self._slots[i]):
+                    self._take(self._slots[i], token)
         self._drop_finished()
+
+    @contextlib.contextmanager
+    def _guard(self, slot: _Slot):
+        """A failure inside ends this slot's request alone."""
+        try:
+            yield
+        except Exception as error:
+            log.exception("request failed")
+            slot.finished = True
+            self._end(slot.request, {"type": "error", "status": 500,
+                                     "message": f"generation failed: {type(error).__name__}: {error}"})
 
     def _sample(self, slot: _Slot, logits: torch.Tensor) -> torch.Tensor:
         """logits (1, V) -> (1, 1) with this request's own settings and generator."""
-        request = slot.request
-        return sample_next_token(logits, request.temperature, request.top_k, request.top_p, slot.generator)
+        sampling = slot.request.sampling
+        adjusted = adjust_logits(logits, slot.counts, sampling.presence_penalty, sampling.frequency_penalty,
+                                 sampling.logit_bias)
+        token = sample_next_token(adjusted, sampling.temperature, sampling.top_k, sampling.top_p, slot.generator)
+        if slot.counts is not None:
+            slot.counts.scatter_add_(1, token, torch.ones_like(token, dtype=slot.counts.dtype))
+        if sampling.logprobs is not None:
+            slot.token_logprobs = self._token_logprobs(logits[0], token, sampling.logprobs)
+        return token
+
+    def _token_logprobs(self, logits: torch.Tensor, token: torch.Tensor, k: int) -> dict:
+        """logits (V,) -> the chosen token's logprob and the k most likely [(id, logprob)]."""
+        logprobs = logits.log_softmax(-1)  # (V,)
+        top = logprobs.topk(k) if k else None
+        return {"logprob": logprobs[token.reshape(())].item(),
+                "top_logprobs": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []}
+
+    def _prompt_logprobs(self, request: GenerationRequest, logits: torch.Tensor) -> dict:
+        """logits (T, V) of the prompt -> each prompt token's logprob given the ones before it
+        (None for the first, which has no context) and the k most likely there."""
+        ids = torch.tensor(request.prompt_ids[1:], device=logits.device)  # (T-1,)
+        logprobs = logits[:-1].log_softmax(-1)  # (T-1, V): position t predicts token t + 1
+        chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+        k = request.sampling.logprobs or 0
+        if k:
+            top = logprobs.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        return {"logprobs": [None, *chosen], "top_logprobs": [None, *tops]}
 
     def _take(self, slot: _Slot, token: int) -> None:
         """Record one sampled token: send its text, or finish the request."""
         slot.last_token = token
         slot.completion_tokens += 1
         self.stats["tokens_generated"] += 1
+        logprobs, slot.token_logprobs = slot.token_logprobs or {}, None
         if token == self.tokenizer.eot_token:
             self._finish(slot, "stop")
             return
-        self._send(slot.request, {"type": "text", "text": slot.text.push(token)})
+        self._send(slot.request, {"type": "text", "text": slot.text.push(token), "token": token, **logprobs})
         if slot.text.stopped:
             self._finish(slot, "stop")
         elif slot.completion_tokens >= slot.request.max_tokens:
@@ -251,11 +390,11 @@ class BatchingEngine:
         """End an active request; finish_reason None = cancelled (nobody is listening)."""
         slot.finished = True
         if finish_reason is None:
+            self._end(slot.request, None)
             return
-        self.stats["timed_out" if finish_reason == "timeout" else "completed"] += 1
-        self._send(slot.request, {"type": "done", "finish_reason": finish_reason, "text": slot.text.finish(),
-                                  "prompt_tokens": len(slot.request.prompt_ids),
-                                  "completion_tokens": slot.completion_tokens})
+        self._end(slot.request, {"type": "done", "finish_reason": finish_reason, "text": slot.text.finish(),
+                                 "prompt_tokens": len(slot.request.prompt_ids),
+                                 "completion_tokens": slot.completion_tokens})
 
     def _drop_finished(self) -> None:
         """Free finished rows; the last row moves into each freed row, keeping rows [0, n) active."""
@@ -266,28 +405,38 @@ class BatchingEngine:
                     self.cache.move_row(last, row)
                     self._slots[row] = self._slots[last]
                 self._slots.pop()
-                self._release()
 
-    def _fail(self, request: GenerationRequest, message: str) -> None:
-        self.stats["failed"] += 1
-        self._send(request, {"type": "error", "message": message})
-        self._release()
-
-    def _fail_all(self, message: str) -> None:
-        """Fail every active request (e.g. a decode step raised) and free their rows."""
+    def _fail_in_flight(self, message: str, status: int = 500) -> None:
+        """End every request the engine holds (active rows and those being admitted) with an
+        error; their rows are free again."""
         for slot in self._slots:
-            if not slot.finished:
-                self._fail(slot.request, message)
-            else:
-                self._release()
+            slot.finished = True
+            self._end(slot.request, {"type": "error", "status": status, "message": message})
         self._slots.clear()
+        for request in self._in_hand:
+            self._end(request, {"type": "error", "status": status, "message": message})
+        self._in_hand = []
 
-    def _release(self) -> None:
+    def _end(self, request: GenerationRequest, event: dict | None) -> None:
+        """The one way a request ends: its last event (None: cancelled, nothing sent), counted
+        once, and its place freed once, whatever path gets here first."""
+        if request.ended:
+            return
+        request.ended = True
+        if event is None:
+            self.stats["cancelled"] += 1
+        elif event["type"] == "error":
+            self.stats["failed"] += 1
+        else:
+            self.stats["timed_out" if event["finish_reason"] == "timeout" else "completed"] += 1
         with self._wake:
             self._admitted -= 1
+        if event is not None:
+            self._send(request, event)
 
     def _send(self, request: GenerationRequest, event: dict) -> None:
         try:
             request.deliver(event)
         except Exception:  # the listener is gone (e.g. its event loop closed): stop generating for it
             request.cancel()
+

@@ -103,18 +103,20 @@ class ClientLimits:
                                 f"retry in {wait:.1f} s", type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(math.ceil(wait))})
 
-    def reserve_tokens(self, record: RequestRecord, prompt_tokens: int, max_tokens: int) -> None:
-        """Charge prompt + max_tokens to record.client; ApiError 429 when its tokens per minute are short."""
+    def reserve_tokens(self, record: RequestRecord, prompt_tokens: int, max_generated: int) -> None:
+        """Charge the prompt and the most it may generate (max_tokens x choices) to record.client;
+        ApiError 429 when its tokens per minute are short."""
         bucket = self._bucket(record.client, "tokens")
         if bucket is None:
             return
-        wanted = prompt_tokens + max_tokens
+        wanted = prompt_tokens + max_generated
         wait = bucket.take(wanted, self.clock())
         if wait == math.inf:
             record.refusal = "tokens_per_minute"
-            raise ApiError(429, f"rate limit: the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
-                                f"more than this client's {self.tokens_per_minute} tokens per minute; lower max_tokens",
-                           type="rate_limit_error", code="rate_limit_exceeded", param="max_tokens")
+            raise ApiError(429, f"rate limit: the prompt ({prompt_tokens} tokens) plus max_tokens x choices "
+                                f"({max_generated}) is more than this client's {self.tokens_per_minute} tokens per "
+                                "minute; lower max_tokens", type="rate_limit_error", code="rate_limit_exceeded",
+                           param="max_tokens")
         if wait:
             record.refusal = "tokens_per_minute"
             raise ApiError(429, f"rate limit: this client may use {self.tokens_per_minute} tokens per minute "

@@ -41,31 +41,35 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reserved_tokens: int = 0  # charged to the client's tokens-per-minute bucket (llm.serving.rate_limits)
-    finish_reason: str | None = None
+    finish_reasons: dict[int, str] = field(default_factory=dict)  # choice index -> finish reason
     first_token_s: float | None = None
     latency_s: float | None = None
     prompt: object = None  # the prompt or the messages, kept for --log-content
-    completion: list[str] = field(default_factory=list)
+    completions: dict[int, list[str]] = field(default_factory=dict)  # choice index -> text pieces
 
     @property
     def client(self) -> str:
         """Whom the rate limits count: the key's id, else the address."""
         return f"key:{self.key_id}" if self.key_id else f"address:{self.client_address}"
 
-    def watching(self, deliver: Callable[[dict], None]) -> Callable[[dict], None]:
-        """`deliver` for a GenerationRequest that also notes, on the engine thread, the time to
-        the first token, the tokens generated, the finish reason and the text."""
+    def watching(self, choice: int, deliver: Callable[[dict], None]) -> Callable[[dict], None]:
+        """`deliver` for the GenerationRequest of choice `choice` that also notes, on the engine
+        thread, the time to the first token, the tokens generated, the finish reason and the text."""
+        generated = 0
+        pieces = self.completions.setdefault(choice, [])
 
         def deliver_and_note(event: dict) -> None:
+            nonlocal generated
             if event["type"] == "text":
                 if self.first_token_s is None:
                     self.first_token_s = time.perf_counter() - self.started
+                generated += 1
                 self.completion_tokens += 1
-                self.completion.append(event["text"])
+                pieces.append(event["text"])
             elif event["type"] == "done":
-                self.completion_tokens = event["completion_tokens"]  # counts a final <|endoftext|> too
-                self.finish_reason = event["finish_reason"]
-                self.completion.append(event["text"])
+                self.completion_tokens += event["completion_tokens"] - generated  # a final <|endoftext|> too
+                self.finish_reasons[choice] = event["finish_reason"]
+                pieces.append(event["text"])
             deliver(event)
 
         return deliver_and_note
@@ -79,11 +83,17 @@ class RequestRecord:
                 "latency_s": None if self.latency_s is None else round(self.latency_s, 4),
                 "time_to_first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reason": self.finish_reason, "key_id": self.key_id, "client_address": self.client_address,
-                "refusal": self.refusal}
+                "finish_reason": one_or_list([self.finish_reasons[i] for i in sorted(self.finish_reasons)]),
+                "key_id": self.key_id, "client_address": self.client_address, "refusal": self.refusal}
         if log_content:
-            line["prompt"], line["completion"] = self.prompt, "".join(self.completion)
+            line["prompt"] = self.prompt
+            line["completion"] = one_or_list(["".join(self.completions[i]) for i in sorted(self.completions)])
         return line
+
+
+def one_or_list(values: list):
+    """One choice's value alone; several choices' as a list; none: None."""
+    return values[0] if len(values) == 1 else (values or None)
 
 
 def log_request(record: RequestRecord, log_content: bool) -> None:
