@@ -78,9 +78,11 @@ def test_chat_page_streams_a_reply_keeps_the_conversation_and_words_errors(chat_
                                timeout=WAIT_MS)
         page.wait_for_selector(".assistant[data-state=done]", timeout=WAIT_MS)
         assert page.text_content(".assistant") == expected
-        assert "tokens/s" in page.inner_text(".stats") and page.inner_text("#error") == ""
+        assert page.inner_text(".stats").startswith("12 tokens · ") and "tokens/s" in page.inner_text(".stats")
+        assert page.inner_text("#error") == ""
         assert sent[-1]["messages"] == [{"role": "user", "content": "Name a fox."}]
         assert sent[-1]["temperature"] == 0 and sent[-1]["max_tokens"] == 12 and sent[-1]["stream"] is True
+        assert sent[-1]["stream_options"] == {"include_usage": True}
 
         # The second turn carries the first.
         send(page, "And another?")

@@ -66,7 +66,8 @@ async function streamRequest(path, body, key, onText) {
   const started = performance.now();
   let response;
   try {
-    response = await fetch(path, { method: "POST", headers, body: JSON.stringify({ ...body, stream: true }) });
+    const streamed = { ...body, stream: true, stream_options: { include_usage: true } };
+    response = await fetch(path, { method: "POST", headers, body: JSON.stringify(streamed) });
   } catch (failure) {
     return { ok: false, error: `Cannot reach the server: ${failure.message}` };
   }
@@ -98,12 +99,14 @@ async function streamRequest(path, body, key, onText) {
       }
       const event = JSON.parse(data);
       if (event.error) return { ok: false, error: errorInWords(500, event.error, null, !!key) };
+      if (event.usage) tokens = event.usage.completion_tokens; // the last event: the server's own count
+      if (!event.choices.length) continue;
       const choice = event.choices[0];
       const text = choice.text ?? (choice.delta && choice.delta.content);
       if (choice.finish_reason) {
         finishReason = choice.finish_reason;
       } else if (text !== undefined && !(choice.delta && choice.delta.role)) {
-        tokens += 1; // one event per generated token (its text may be "" mid-character)
+        tokens += 1; // one event per token (text may be "" mid-character); the usage event corrects it
         firstTokenAt = firstTokenAt ?? performance.now();
       }
       if (text) onText(text);
