@@ -100,7 +100,7 @@ def test_generate_streams_applies_template_and_refuses_classifiers(finetuned, ca
     monkeypatch.setattr(llm.generate, "stream_text", lambda model, tokenizer, ids, *a, **k: seen.append(ids) or iter(["ok"]))
     generate_main(["--checkpoint", str(finetuned / "instruct/ckpt.pt"), "--prompt", "Repeat the word.",
                    "--input", "yes"])  # fmt: skip
-    assert gpt2_tokenizer().decode(seen[0]).endswith("### Input:\nyes\n\n### Response:\n")
+    assert gpt2_tokenizer().decode(seen[0]).endswith("<|user|>\nRepeat the word.\n\nyes\n<|assistant|>\n")  # its chat template
     assert capsys.readouterr().out == "ok\n"  # only the response
 
     with pytest.raises(SystemExit):

@@ -26,6 +26,8 @@ def files(tmp_path_factory):
     rows = [f"{label}\t{' '.join(WORDS[label].split()[i % 3 :])} {i}" for i in range(40) for label in WORDS]
     (folder / "sms.tsv").write_text("\n".join(rows) + "\n")
     records = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(30)]
+    records += [{"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": f"{i} and 2?"},
+                              {"role": "assistant", "content": str(i + 2)}]} for i in range(10)]  # OpenAI's format
     (folder / "records.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (folder / "notes.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
     return folder
@@ -55,7 +57,7 @@ def test_classify_with_lora_end_to_end(files, tmp_path, capsys):
 def test_instruct_and_lm_end_to_end(files, tmp_path):
     checkpoint = run(files, tmp_path / "instruct", "--task", "instruct", "--data", str(files / "records.jsonl"),
                      "--answer-count", "2", "--answer-tokens", "3")  # fmt: skip
-    assert checkpoint["task"] == "instruct"
+    assert checkpoint["task"] == "instruct" and checkpoint["chat_template"] == "chat"  # how to prompt it
     answers = json.loads((tmp_path / "instruct/answers.json").read_text())
     assert len(answers) == 2 and set(answers[0]) == {"instruction", "input", "expected", "before", "after"}
     checkpoint = run(files, tmp_path / "lm", "--task", "lm", "--data", str(files / "notes.txt"), "--lora-rank", "2",

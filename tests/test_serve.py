@@ -9,9 +9,7 @@ that batching, queueing, disconnects and timeouts are observed, not raced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 
 import pytest
@@ -19,119 +17,24 @@ import torch
 
 # Not on the GPU machine (see conftest.OPTIONAL_TEST_PACKAGES); CI requires them.
 pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from llm.checkpoint import save_checkpoint
+from finetune_helpers import one_thread  # noqa: F401
+from serve_helpers import (CONTEXT, HTTP_TIMEOUT, chat_ckpt, health, instruct_ckpt, instruct_server,  # noqa: F401
+                           library_completion, lm_ckpt, running, slowed, sse_events, tokenizer, write_checkpoint)
+
+from llm.chat_template import Message, get_template
 from llm.config import GPTConfig
 from llm.generate import complete
 from llm.model import GPT
-from llm.chat_template import Message, get_template
 from llm.serve import main as serve_main
-from llm.serving.app import create_app
 from llm.serving.loading import load_served_model
 from llm.serving.launch import serve_in_subprocess
 from llm.serving.row_cache import RowKVCache
 from llm.text_stream import TextStream
-from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
+from llm.tokenizer import gpt2_tokenizer
 from llm.weights import save_hf
-
-CONTEXT = 200  # the Alpaca template alone is ~100 tokens with this small BPE
-HTTP_TIMEOUT = httpx.Timeout(60.0)
-
-
-# --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(["the quick brown fox jumps over the lazy dog; " * 4, "Below is an instruction."], 300)
-
-
-def write_checkpoint(path, tokenizer, task: str | None, chat_template: str | None = None):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tokenizer.n_vocab, context_length=CONTEXT, n_embd=32, n_layer=2, n_head=2)
-    checkpoint = {"model": GPT(config).state_dict(), "model_config": config.to_dict(),
-                  "tokenizer": tokenizer_to_dict(tokenizer), "step": 0}
-    if task is not None:
-        checkpoint["task"] = task
-    if chat_template is not None:
-        checkpoint["chat_template"] = chat_template
-    save_checkpoint(path, checkpoint)
-    return path
-
-
-@pytest.fixture(scope="module")
-def instruct_ckpt(tmp_path_factory, tokenizer):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "instruct.pt", tokenizer, "instruct")
-
-
-@pytest.fixture(scope="module")
-def chat_ckpt(tmp_path_factory, tokenizer):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "chat.pt", tokenizer, "instruct", chat_template="chat")
-
-
-@pytest.fixture(scope="module")
-def lm_ckpt(tmp_path_factory, tokenizer):
-    return write_checkpoint(tmp_path_factory.mktemp("serve") / "lm.pt", tokenizer, None)  # no key: "lm"
-
-
-def slowed(served, seconds_per_forward: float):
-    """Make every forward take at least this long, so that requests overlap."""
-    forward = served.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(seconds_per_forward)
-        return forward(*args, **kwargs)
-
-    served.model.forward = slow_forward
-    return served
-
-
-@contextlib.contextmanager
-def running(served, **limits):
-    """The app on a free 127.0.0.1 port (port 0: the OS picks), stopped on exit whatever happens."""
-    server = uvicorn.Server(uvicorn.Config(create_app(served, **limits), host="127.0.0.1", port=0,
-                                           log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HTTP_TIMEOUT) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the server did not stop"
-
-
-@pytest.fixture
-def instruct_server(instruct_ckpt):
-    with running(load_served_model(instruct_ckpt, device="cpu")) as client:
-        yield client
-
-
-def health(client) -> dict:
-    response = client.get("/health")
-    assert response.status_code == 200
-    return response.json()
-
-
-def sse_events(response):
-    """The data payloads of a server-sent event stream, one at a time as they arrive."""
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            yield data if data == "[DONE]" else json.loads(data)
-
-
-def library_completion(ckpt, prompt: str, max_tokens: int, **sampling) -> str:
-    """What llm.generate.complete makes of the same prompt (its text after the prompt)."""
-    served = load_served_model(ckpt, device="cpu")
-    return complete(served.model, served.tokenizer, prompt, max_tokens, **sampling)[len(prompt):]
-
 
 # --------------------------------------------------------------------------- the batched decoding path
 def test_row_cache_batched_decode_matches_one_sequence_at_a_time(generator):
@@ -165,6 +68,8 @@ def test_row_cache_batched_decode_matches_one_sequence_at_a_time(generator):
         model(torch.cat([prompts[2], *[s[2:3] for s in steps]], dim=1), kv_cache=cache)
         nxt = torch.randint(0, 97, (1, 1), generator=generator)
         torch.testing.assert_close(model(nxt, kv_cache=rows)[0], model(nxt, kv_cache=cache)[0], rtol=0, atol=1e-5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_sequences():
