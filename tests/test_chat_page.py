@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_serve import chat_ckpt, lm_ckpt, running, slowed, tokenizer  # noqa: F401
+from serve_helpers import chat_ckpt, lm_ckpt, running, slowed, tokenizer  # noqa: F401
 
 from llm.serving.loading import load_served_model
 

@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 parser = pytest.importorskip("prometheus_client.parser")
 
-from test_serve import (HTTP_TIMEOUT, health, instruct_ckpt, lm_ckpt, running, slowed, sse_events,  # noqa: F401
+from serve_helpers import (HTTP_TIMEOUT, chat_ckpt, health, instruct_ckpt, lm_ckpt, running, slowed, sse_events,  # noqa: F401
                         tokenizer)
 
 from llm.serve import main as serve_main
@@ -143,6 +143,28 @@ def test_tokens_per_minute_charge_max_tokens_and_give_back_what_was_not_generate
         assert after.status_code == 200
         # Charged in full, the stream would leave at most 150 - 3 * (prompt + 1) - 99 (+ a few refilled).
         assert int(after.headers["x-ratelimit-remaining-tokens"]) > 150 - 3 * (prompt + 1) - 50
+
+
+def test_refusals_413_and_503_while_draining_in_openai_shape_counted_and_logged(chat_ckpt, caplog):
+    caplog.set_level(logging.INFO, logger="llm.serve.requests")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with running(load_served_model(chat_ckpt, device="cpu"), api_keys=[KEY], max_body_bytes=4096) as client:
+        too_large = {**chat, "messages": [{"role": "user", "content": "fox " * 2000}]}
+        refused = client.post("/v1/chat/completions", json=too_large, headers=bearer(KEY))
+        assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+        assert client.post("/v1/chat/completions", json=too_large).status_code == 401  # the key is checked first
+        assert client.post("/v1/chat/completions", json=chat, headers=bearer(KEY)).status_code == 200
+        client.server_app.state.engine.begin_drain(5.0)  # what SIGTERM starts (llm.serving.server)
+        draining = client.post("/v1/chat/completions", json=chat, headers=bearer(KEY))
+        assert draining.status_code == 503 and draining.json()["error"]["code"] == "unavailable"
+        assert "shutting down" in draining.json()["error"]["message"]
+        assert client.get("/health").status_code == 503  # a load balancer stops sending requests here
+        metrics = scrape(client)
+    causes = {labels: value for (name, labels), value in metrics.items() if name == "llm_serve_refusals_total"}
+    assert causes == {(("cause", "too_large"),): 1, (("cause", "unauthorized"),): 1, (("cause", "unavailable"),): 1}
+    logged = [(line["status"], line["refusal"]) for line in request_lines(caplog) if line["route"] != "/metrics"]
+    assert logged == [(413, None), (401, "unauthorized"), (200, None), (503, None), (503, None)]
+    assert refused.headers["x-request-id"] == request_lines(caplog)[0]["request_id"]
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_capacity():

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
-from test_serve import lm_ckpt, running, tokenizer  # noqa: E402, F401
+from serve_helpers import lm_ckpt, running, tokenizer  # noqa: E402, F401
 
 from llm.serving.auth import KEYS_ENV  # noqa: E402
 from llm.serving.loading import load_served_model  # noqa: E402
