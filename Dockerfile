@@ -6,7 +6,7 @@
 #
 #   docker build -t llm-serve --build-arg TORCH_CUDA_ARCH_LIST="9.0a" .
 #   docker run --gpus all -p 8000:8000 -v "$PWD/out:/models:ro" -e LLM_SERVE_API_KEYS=sk-... llm-serve
-#   docker run ... llm-serve --ckpt /models/ckpt.pt --device cuda --requests-per-minute 60   # other options
+#   docker run ... llm-serve --checkpoint /models/ckpt.pt --device cuda --requests-per-minute 60   # other options
 ARG CUDA_VERSION=13.0.0
 
 FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04 AS build
@@ -40,4 +40,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # In a container 0.0.0.0 is the only useful address: give the server keys (LLM_SERVE_API_KEYS).
 ENTRYPOINT ["llm-serve", "--host", "0.0.0.0", "--port", "8000"]
-CMD ["--ckpt", "/models/ckpt.pt", "--device", "cuda", "--use-fused"]
+CMD ["--checkpoint", "/models/ckpt.pt", "--device", "cuda", "--use-fused"]
