@@ -8,7 +8,8 @@
 The request id is also the response's x-request-id header, so a client can quote it. The
 client's key appears only as its key id (llm.serving.auth.key_id). The prompt and the
 completion are logged only when the server runs with --log-content ("prompt" and
-"completion" fields): they are the users' data.
+"completion" fields): they are the users' data. A request for several choices (n > 1)
+logs their finish reasons (and completions) as lists.
 """
 
 from __future__ import annotations
