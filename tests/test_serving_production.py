@@ -235,6 +235,13 @@ def test_one_json_line_per_request_with_its_id_and_content_only_when_asked(instr
         else:
             assert "prompt" not in line and "completion" not in line
             assert COMPLETION["prompt"] not in "\n".join(r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with running(served, log_content=True) as client:  # two choices: two rows, counted together
+        answer = client.post("/v1/completions", json={**COMPLETION, "n": 2, "temperature": 1, "seed": 3}).json()
+    line = request_lines(caplog)[0]
+    assert line["completion_tokens"] == answer["usage"]["completion_tokens"] == 8
+    assert line["finish_reason"] == ["length", "length"]
+    assert line["completion"] == [choice["text"] for choice in answer["choices"]]
 
 
 def test_command_binds_loopback_without_keys_and_logs_its_start(lm_ckpt, monkeypatch, capsys):
