@@ -1,18 +1,18 @@
-"""python -m benchmarks serve: load test of llm-serve (requests/s, tokens/s, latency p50/p99).
+"""python -m benchmarks serve: load test of llm-serve (tokens/s, requests/s, latency p50/p99).
 
 Starts `llm-serve` in its own process (so the load generator does not share its GIL) with
-a random-weight model -- random weights cost exactly what trained ones do -- and sends
---requests completions from --clients concurrent clients, each a prompt of about
---prompt-tokens tokens and --max-tokens new tokens. It does this once per server
---max-concurrency value in --batch (default: 1, i.e. one request at a time, and --clients,
-i.e. every client's request decoded in one batched forward per step), so the table shows
-what batching buys.
+a random-weight model -- random weights cost exactly what trained ones do -- and, for each
+--clients level (default 1, 8 and 32 concurrent clients), sends --requests completions
+(at least two per client), each a prompt of about --prompt-tokens tokens and --max-tokens
+new tokens. The server decodes up to --max-concurrency requests (default: the most
+clients) in one batched forward per step, so the table shows what batching buys as the
+load grows; "rows/step" is the mean batch a decode step ran.
 
     python -m benchmarks serve                       # tiny model on CPU; gpt2 (124M) on a GPU
-    python -m benchmarks serve --model gpt2 --device cuda --requests 256 --clients 32
+    python -m benchmarks serve --model gpt2 --device cuda --requests 256
 
 Writes results.json, results.md and latency.png to --out (default
-benchmarks/results/<date>-serve-<device>).
+benchmarks/results/<date>-<time>-serve-<device>, so runs on the same day keep apart).
 """
 from __future__ import annotations
 
@@ -55,12 +55,14 @@ def parse_args(argv):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--model", choices=("auto", "tiny", "gpt2"), default="auto",
                         help="auto: gpt2 (124M) on a GPU, the tiny preset on CPU")
-    parser.add_argument("--requests", type=int_in(1, 100_000), default=48, help="requests per configuration")
-    parser.add_argument("--clients", type=int_in(1, 1024), default=8, help="concurrent clients")
+    parser.add_argument("--requests", type=int_in(1, 100_000), default=64,
+                        help="requests per --clients level (at least two per client)")
+    parser.add_argument("--clients", type=int_in(1, 1024), action="append",
+                        help="concurrent clients (repeatable; default 1, 8 and 32)")
     parser.add_argument("--prompt-tokens", type=int_in(1, 512), default=32)
     parser.add_argument("--max-tokens", type=int_in(1, 512), default=32)
-    parser.add_argument("--batch", type=int_in(1, 1024), action="append",
-                        help="server --max-concurrency to measure (repeatable; default 1 and --clients)")
+    parser.add_argument("--max-concurrency", type=int_in(1, 1024), default=None,
+                        help="the server's --max-concurrency (default: the most --clients)")
     parser.add_argument("--use-fused", action="store_true", help="serve with --use-fused")
     parser.add_argument("--out", type=Path, help="output folder")
     args = parser.parse_args(argv)
@@ -69,7 +71,8 @@ def parse_args(argv):
     args.device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if args.model == "auto":
         args.model = "gpt2" if args.device == "cuda" else "tiny"
-    args.batch = list(dict.fromkeys(args.batch or [1, args.clients]))
+    args.clients = list(dict.fromkeys(args.clients or [1, 8, 32]))
+    args.max_concurrency = args.max_concurrency or max(args.clients)
     return args
 
 
@@ -118,29 +121,41 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def measure(args, ckpt: Path, prompts: list[str], batch: int) -> dict:
+def measure(args, ckpt: Path, prompts: list[str]) -> list[dict]:
+    """One server; every --clients level in turn against it."""
     from tqdm import tqdm
 
-    server_args = ["--ckpt", str(ckpt), "--device", args.device, "--max-concurrency", str(batch),
-                   "--queue", str(args.requests + args.clients), "--timeout", "3600", "--log-level", "warning"]
+    server_args = ["--checkpoint", str(ckpt), "--device", args.device, "--max-concurrency", str(args.max_concurrency),
+                   "--queue", str(max(args.clients)), "--timeout", "3600", "--log-level", "warning"]
+    results = []
     with serve_in_subprocess(server_args + (["--use-fused"] if args.use_fused else [])) as server:
-        with tqdm(total=2, desc=f"warm-up batch {batch}", file=sys.stderr, leave=False) as progress:
+        with tqdm(total=2, desc="warm-up", file=sys.stderr, leave=False) as progress:
             asyncio.run(load(server.base_url, prompts[:2], 2, args.max_tokens, progress))
-        with tqdm(total=len(prompts), desc=f"--max-concurrency {batch}", unit="req", file=sys.stderr) as progress:
-            start = time.perf_counter()
-            results = asyncio.run(load(server.base_url, prompts, args.clients, args.max_tokens, progress))
-            wall_s = time.perf_counter() - start
-        server_health = httpx.get(f"{server.base_url}/health", timeout=30).json()
-    ok = [r for r in results if r["status"] == 200]
+        for clients in args.clients:
+            sent = prompts[: max(args.requests, 2 * clients)]
+            before = httpx.get(f"{server.base_url}/health", timeout=30).json()
+            with tqdm(total=len(sent), desc=f"{clients} clients", unit="req", file=sys.stderr) as progress:
+                start = time.perf_counter()
+                outcomes = asyncio.run(load(server.base_url, sent, clients, args.max_tokens, progress))
+                wall_s = time.perf_counter() - start
+            after = httpx.get(f"{server.base_url}/health", timeout=30).json()
+            results.append(summarize(clients, outcomes, wall_s, before, after))
+    return results
+
+
+def summarize(clients: int, outcomes: list[dict], wall_s: float, before: dict, after: dict) -> dict:
+    ok = [r for r in outcomes if r["status"] == 200]
     latencies = [r["latency_s"] for r in ok]
     tokens = sum(r["completion_tokens"] for r in ok)
+    steps = after["decode_steps"] - before["decode_steps"]
+    decoded = (after["tokens_generated"] - before["tokens_generated"]) - (after["prefills"] - before["prefills"])
     return {
-        "max_concurrency": batch, "requests": len(results), "ok": len(ok),
-        "other_status": sorted({r["status"] for r in results if r["status"] != 200}),
+        "clients": clients, "requests": len(outcomes), "ok": len(ok),
+        "other_status": sorted({r["status"] for r in outcomes if r["status"] != 200}),
         "wall_s": wall_s, "requests_per_s": len(ok) / wall_s, "completion_tokens": tokens, "tokens_per_s": tokens / wall_s,
         "latency_p50_s": percentile(latencies, 50) if ok else None,
         "latency_p99_s": percentile(latencies, 99) if ok else None,
-        "largest_batch": server_health["largest_batch"], "decode_steps": server_health["decode_steps"],
+        "rows_per_step": decoded / steps if steps else None,  # each decode step makes one token per row
         "latencies_s": [round(x, 5) for x in latencies],
     }
 
@@ -150,18 +165,19 @@ def markdown(run: dict) -> str:
     lines = [
         f"# llm-serve load test: {run['env']['device']}",
         "",
-        f"{s['model']} ({run['parameters']:,} parameters, random weights), {s['requests']} requests from "
-        f"{s['clients']} concurrent clients, prompt ~{s['prompt_tokens']} tokens, {s['max_tokens']} new tokens "
+        f"{s['model']} ({run['parameters']:,} parameters, random weights), server --max-concurrency "
+        f"{s['max_concurrency']}, prompt ~{s['prompt_tokens']} tokens, {s['max_tokens']} new tokens "
         f"(temperature 1), use_fused={s['use_fused']}. Wall-clock over HTTP on loopback; "
-        f"{'CPU figures, not GPU ones' if run['mode'] == 'cpu' else 'GPU'}. git {run['env']['git_commit']}.",
+        f"{'CPU figures, not GPU ones' if run['mode'] == 'cpu' else 'GPU'}"
+        f" ({run['env']['cpu_count']} CPU cores). git {run['env']['git_commit']}.",
         "",
-        "| server --max-concurrency | ok / sent | requests/s | tokens/s | p50 latency (s) | p99 latency (s) | largest batch |",
+        "| concurrent clients | ok / sent | tokens/s | requests/s | p50 latency (s) | p99 latency (s) | rows/step |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in run["results"]:
-        lines.append(f"| {r['max_concurrency']} | {r['ok']} / {r['requests']} | {fmt(r['requests_per_s'])} | "
-                     f"{fmt(r['tokens_per_s'])} | {fmt(r['latency_p50_s'])} | {fmt(r['latency_p99_s'])} | "
-                     f"{r['largest_batch']} |")
+        lines.append(f"| {r['clients']} | {r['ok']} / {r['requests']} | {fmt(r['tokens_per_s'])} | "
+                     f"{fmt(r['requests_per_s'])} | {fmt(r['latency_p50_s'])} | {fmt(r['latency_p99_s'])} | "
+                     f"{fmt(r['rows_per_step'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,15 +191,15 @@ def plot(run: dict, path: Path) -> None:
     for r in run["results"]:
         latencies = sorted(r["latencies_s"])
         left.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))],
-                  label=f"--max-concurrency {r['max_concurrency']}")
+                  label=f"{r['clients']} clients")
     left.set_xlabel("request latency (s)")
     left.set_ylabel("fraction of requests")
     left.set_title("latency CDF")
     left.legend()
     left.grid(alpha=0.3)
-    labels = [str(r["max_concurrency"]) for r in run["results"]]
+    labels = [str(r["clients"]) for r in run["results"]]
     right.bar(labels, [r["tokens_per_s"] for r in run["results"]], color="tab:gray")
-    right.set_xlabel("server --max-concurrency")
+    right.set_xlabel("concurrent clients")
     right.set_ylabel("generated tokens/s")
     right.set_title("throughput")
     fig.suptitle(f"llm-serve, {run['settings']['model']} on {run['env']['device']}", fontsize=10)
@@ -195,7 +211,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     env = environment(args.device)
     started = datetime.datetime.now(datetime.timezone.utc)
-    out_dir = args.out or REPO_ROOT / "benchmarks" / "results" / f"{started:%Y-%m-%d}-serve-{device_slug(env)}"
+    out_dir = args.out or REPO_ROOT / "benchmarks" / "results" / f"{started:%Y-%m-%d-%H%M%S}-serve-{device_slug(env)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {"schema": 1, "started": started.isoformat(timespec="seconds"), "mode": args.device, "env": env,
            "command": ["python", "-m", "benchmarks", "serve", *(sys.argv[1:] if argv is None else argv)],
@@ -204,10 +220,8 @@ def main(argv=None) -> int:
         ckpt = Path(tmp) / f"{args.model}-random.pt"
         context = args.prompt_tokens + args.max_tokens + 8  # + room for the re-encoded prompt's drift
         tokenizer, run["parameters"] = write_random_checkpoint(ckpt, args.model, context)
-        prompts = make_prompts(tokenizer, args.requests, args.prompt_tokens)
-        for batch in args.batch:
-            run["results"].append(measure(args, ckpt, prompts, batch))
-            write_text(out_dir / "results.json", json.dumps(run, indent=1))  # a killed run keeps what it measured
+        prompts = make_prompts(tokenizer, max(args.requests, 2 * max(args.clients)), args.prompt_tokens)
+        run["results"] = measure(args, ckpt, prompts)
     run["elapsed_s"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     write_text(out_dir / "results.json", json.dumps(run, indent=1))
     write_text(out_dir / "results.md", markdown(run))

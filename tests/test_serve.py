@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import pytest
@@ -366,27 +367,30 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
         assert err.splitlines()[-1].startswith("llm-serve: error:")
 
 
-def test_llm_serve_command_serves_and_stops(lm_ckpt):
-    with serve_in_subprocess(["--ckpt", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+def test_llm_serve_command_serves_and_stops_on_sigterm(lm_ckpt):
+    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
                               "--model-name", "tiny"], startup_timeout_s=60) as server:
         response = httpx.post(f"{server.base_url}/v1/completions",
                               json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200 and response.json()["model"] == "tiny"
-    # stopped with Ctrl-C: uvicorn shuts down gracefully
+        server.process.send_signal(signal.SIGTERM)  # drains (nothing in flight), then exits
+        server.process.wait(30)
     assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
-    assert "serving 'tiny' (lm" in server.output
+    assert "serving 'tiny' (lm" in server.output and "llm-serve: stopped" in server.output
 
 
 def test_load_benchmark_writes_its_figures(tmp_path):
     from benchmarks.serve import main as benchmark_main
 
-    argv = ["--device", "cpu", "--requests", "4", "--clients", "2", "--batch", "2", "--prompt-tokens", "8", "--max-tokens", "4",
-            "--out", str(tmp_path)]
+    argv = ["--device", "cpu", "--requests", "4", "--clients", "1", "--clients", "3", "--prompt-tokens", "8",
+            "--max-tokens", "4", "--out", str(tmp_path)]
     assert benchmark_main(argv) == 0
     run = json.loads((tmp_path / "results.json").read_text())
-    assert [r["max_concurrency"] for r in run["results"]] == [2]
+    assert run["settings"]["max_concurrency"] == 3 and [r["clients"] for r in run["results"]] == [1, 3]
+    assert [r["requests"] for r in run["results"]] == [4, 6]  # at least two per client
     for result in run["results"]:
-        assert result["ok"] == 4 and result["completion_tokens"] > 0
+        assert result["ok"] == result["requests"] and result["completion_tokens"] > 0 and result["tokens_per_s"] > 0
         assert result["requests_per_s"] > 0 and 0 < result["latency_p50_s"] <= result["latency_p99_s"]
-    assert "| 2 | 4 / 4 |" in (tmp_path / "results.md").read_text()
+    assert run["results"][0]["rows_per_step"] == 1 and run["results"][1]["rows_per_step"] > 1  # batched
+    assert "| 3 | 6 / 6 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
