@@ -278,7 +278,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         stops = checked_stop(body.stop)
         base_seed = body.seed if body.seed is not None else secrets.randbits(62)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        seen = request_record(request)  # the access middleware's: tokens, first token, the log line
+        access_record = request_record(request)  # the access middleware's: tokens, first token, the log line
         rows = []
         for p, ids in enumerate(prompt_ids):
             for j in range(n):
@@ -287,7 +287,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                     prompt_ids=ids, max_tokens=max_tokens,
                     sampling=Sampling(**{**vars(sampling), "seed": (base_seed + index) % 2**63}),
                     stop=stops, timeout_s=timeout_s,
-                    deliver=seen.watching(index, functools.partial(
+                    deliver=access_record.watching(index, functools.partial(
                         lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event)), index))))
         if len(rows) > max_concurrency + queue_size:
             raise ApiError(400, f"{len(rows)} choices (prompts x n) can never fit this server's "
@@ -296,8 +296,9 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                                sum(map(len, prompt_ids)), 0)
         if record.user_hash:
             log.info("%s request from user %s (%d choice(s))", endpoint, record.user_hash, len(rows))
-        limits.reserve_tokens(seen, record.prompt_tokens, len(rows) * max_tokens)  # 429: tokens/min spent
-        seen.prompt_tokens, seen.prompt = record.prompt_tokens, body.model_dump(include={"prompt", "messages"})
+        limits.reserve_tokens(access_record, record.prompt_tokens, len(rows) * max_tokens)  # 429: tokens/min spent
+        access_record.prompt_tokens = record.prompt_tokens
+        access_record.prompt = body.model_dump(include={"prompt", "messages"})  # logged with --log-content only
         try:
             engine.submit(*rows)
         except EngineBusy:
