@@ -4,13 +4,18 @@ format read strictly; the built-in data's multi-turn records."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
+import llm.evaluate
+import llm.generate
 from llm.chat_template import Message, checkpoint_template, get_template
 from llm.finetune.datasets import Conversation, Instruction, read_instructions
+from llm.checkpoint import load_checkpoint, save_checkpoint
 from llm.finetune.instruct import IGNORE, InstructionSet, held_out_turn
 from llm.tokenizer import gpt2_tokenizer
 
@@ -96,3 +101,50 @@ def test_openai_fine_tuning_records_train_on_assistant_turns_only(tmp_path, toke
         with pytest.raises(ValueError, match=rf"chat.jsonl, line 2: .*{words}"):
             read_instructions(path)
 
+
+
+@pytest.mark.parametrize("recorded", [None, "chat"])
+def test_llm_generate_prompts_an_instruction_model_in_its_own_template(tmp_path, monkeypatch, tokenizer, recorded):
+    checkpoint = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt.pt"))
+    checkpoint.update(task="instruct", **({"chat_template": recorded} if recorded else {}))
+    save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
+    seen = []
+    monkeypatch.setattr(llm.generate, "stream_text", lambda model, tok, ids, *a, **k: seen.append(ids) or iter(["ok"]))
+    llm.generate.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Name the play.", "--input", "To be",
+                       "--device", "cpu"])
+    template = get_template(recorded or "alpaca")  # no record: an older, Alpaca-trained fine-tune
+    assert seen == [template.prompt_ids(template.instruction_messages("Name the play.", "To be"), tokenizer)]
+
+
+@pytest.mark.parametrize("recorded", [None, "chat"])
+def test_llm_eval_scores_an_instruction_model_in_its_own_template(tmp_path, monkeypatch, recorded):
+    checkpoint = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt.pt"))
+    settings = {"task": "instruct", "init_from": "base.pt", **({"chat_template": recorded} if recorded else {})}
+    checkpoint.update(task="instruct", finetune_config=settings, **({"chat_template": recorded} if recorded else {}))
+    save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
+
+    class Seen(Exception):
+        pass
+
+    def make_task(cfg, *args):
+        raise Seen(cfg.chat_template)
+
+    monkeypatch.setattr(llm.evaluate, "make_task", make_task)
+    with pytest.raises(Seen) as seen:
+        llm.evaluate.evaluate(str(tmp_path / "ckpt.pt"), before="none", device="cpu")
+    assert seen.value.args == (recorded or "alpaca",)  # no record: an older, Alpaca-trained fine-tune
+
+
+def test_resuming_an_older_instruction_fine_tune_keeps_alpaca(tmp_path):
+    from llm.finetune.cli import build_parser, config_from_args
+    from llm.finetune.config import FinetuneConfig
+
+    saved = dataclasses.asdict(FinetuneConfig(task="instruct", init_from="base.pt", out_dir=str(tmp_path)))
+    del saved["chat_template"]  # written before chat templates existed
+    checkpoint = load_checkpoint(save_tiny_checkpoint(tmp_path / "ckpt.pt"))
+    checkpoint.update(task="instruct", finetune_config=saved)
+    save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
+    parser = build_parser()
+    cfg, _ = config_from_args(parser, parser.parse_args(["--resume", "--out-dir", str(tmp_path)]))
+    assert cfg.chat_template == "alpaca"
+    assert FinetuneConfig(task="instruct", init_from="base.pt").chat_template == "chat"  # new fine-tunes

@@ -9,6 +9,7 @@ that batching, queueing, disconnects and timeouts are observed, not raced.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import time
@@ -21,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from finetune_helpers import one_thread  # noqa: F401
+from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
 from serve_helpers import (CONTEXT, HTTP_TIMEOUT, chat_ckpt, health, instruct_ckpt, instruct_server,  # noqa: F401
                            library_completion, lm_ckpt, running, slowed, sse_events, tokenizer, write_checkpoint)
 
@@ -69,8 +70,6 @@ def test_row_cache_batched_decode_matches_one_sequence_at_a_time(generator):
         model(torch.cat([prompts[2], *[s[2:3] for s in steps]], dim=1), kv_cache=cache)
         nxt = torch.randint(0, 97, (1, 1), generator=generator)
         torch.testing.assert_close(model(nxt, kv_cache=rows)[0], model(nxt, kv_cache=cache)[0], rtol=0, atol=1e-5)
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_sequences():
@@ -359,7 +358,8 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
                         (["--ckpt", str(tmp_path)], "config.json"),
                         (["--ckpt", str(classify), "--port", "70000"], "--port"),
                         (["--ckpt", str(classify), "--timeout", "0"], "--timeout"),
-                        (["--ckpt", str(classify), "--device", "tpu"], "--device")]:
+                        (["--ckpt", str(classify), "--device", "tpu"], "--device"),
+                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout")]:
         with pytest.raises(SystemExit) as exit_info:
             serve_main(argv)
         err = capsys.readouterr().err.strip()
@@ -368,15 +368,16 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
 
 
 def test_llm_serve_command_serves_and_stops_on_sigterm(lm_ckpt):
-    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "warning",
+    with serve_in_subprocess(["--checkpoint", str(lm_ckpt), "--device", "cpu", "--log-level", "info",
                               "--model-name", "tiny"], startup_timeout_s=60) as server:
         response = httpx.post(f"{server.base_url}/v1/completions",
-                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3}, timeout=HTTP_TIMEOUT)
+                              json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "user": "alice"}, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200 and response.json()["model"] == "tiny"
         server.process.send_signal(signal.SIGTERM)  # drains (nothing in flight), then exits
         server.process.wait(30)
     assert server.process.returncode == 0 and "Traceback" not in server.output, server.output
     assert "serving 'tiny' (lm" in server.output and "llm-serve: stopped" in server.output
+    assert hashlib.sha256(b"alice").hexdigest()[:16] in server.output and "alice" not in server.output  # the user's hash
 
 
 def test_load_benchmark_writes_its_figures(tmp_path):

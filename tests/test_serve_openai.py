@@ -16,13 +16,11 @@ import torch
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from finetune_helpers import one_thread  # noqa: F401
+from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
 from serve_helpers import chat_ckpt, library_completion, running, tokenizer  # noqa: F401
 
 from llm.chat_template import Message, get_template
 from llm.serving.loading import load_served_model
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 MODEL = "chat.pt"  # the checkpoint's file name is its model id
 
 
@@ -71,19 +69,21 @@ def test_sync_client_completions_and_chat_streamed_and_not(client, chat_ckpt, ca
 
 def test_async_client_concurrent_greedy_output_equals_the_librarys(server, chat_ckpt):
     prompts = ["the", "the quick brown", "lazy dog", "over the lazy", "fox", "jumps over", "quick", "dog; the"]
+    lengths = [12, 3, 9, 5, 14, 4, 7, 10]  # rows finish at different steps: freed rows are refilled
 
     async def ask_all():
         async with openai.AsyncOpenAI(base_url=server[0], api_key="unused", max_retries=0) as client:
-            async def streamed(prompt):
-                stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+            async def streamed(prompt, length):
+                stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=length, temperature=0,
                                                          stream=True)
                 return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
-            plain = [client.completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0) for p in prompts]
-            return await asyncio.gather(*plain, *map(streamed, prompts))
+            plain = [client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0)
+                     for p, n in zip(prompts, lengths)]
+            return await asyncio.gather(*plain, *map(streamed, prompts, lengths))
 
     answers = asyncio.run(ask_all())
-    expected = [library_completion(chat_ckpt, p, 10, temperature=0) for p in prompts]
+    expected = [library_completion(chat_ckpt, p, n, temperature=0) for p, n in zip(prompts, lengths)]
     assert all(isinstance(a, openai.types.Completion) for a in answers[: len(prompts)])
     assert [a.choices[0].text for a in answers[: len(prompts)]] == expected
     assert answers[len(prompts):] == expected
@@ -107,6 +107,17 @@ def test_n_choices_are_rows_seeds_repeat_and_stop_cuts(client):
     chats = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
                                            max_completion_tokens=4, seed=5)
     assert [c.index for c in chats.choices] == [0, 1]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                                 max_completion_tokens=4, seed=5, stream=True))
+    for index in (0, 1):  # a stream interleaves the choices, each told apart by its index
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert "".join(c.delta.content or "" for c in mine) == chats.choices[index].message.content
+        assert mine[-1].finish_reason == chats.choices[index].finish_reason
+    # Several prompts: choice index = prompt * n + j, each as the prompt alone would give.
+    several = client.completions.create(model=MODEL, prompt=["the", "lazy dog"], n=2, max_tokens=5, temperature=0)
+    alone = client.completions.create(model=MODEL, prompt="lazy dog", max_tokens=5, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.choices[2].text == several.choices[3].text == alone.choices[0].text
 
 
 def reference_decode(served, prompt_ids, steps, presence=0.0, frequency=0.0, bias=None):

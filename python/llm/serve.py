@@ -17,6 +17,8 @@ it listens on 127.0.0.1 only unless --host is given. One JSON line per request g
 
 from __future__ import annotations
 
+import logging
+
 from llm.cli import command, device_name, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
 from llm.serving.auth import KEYS_ENV, load_api_keys
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
+    # The server's own lines (a request's user, as a hash; engine failures) at --log-level, beside uvicorn's.
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     keys = load_api_keys(args.api_key or [], args.api_key_file)
     host = args.host or ("0.0.0.0" if keys else "127.0.0.1")
     served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)

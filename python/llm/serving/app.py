@@ -110,7 +110,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
     prompt_byte_bound = context * max_token_bytes(tokenizer)  # more bytes than this cannot fit the context
     max_body_bytes = max_body_bytes or max(2**20, 8 * prompt_byte_bound)
     kernels = kernel_backends(served)
-    token_text = functools.lru_cache(maxsize=None)(lambda token: tokenizer.decode_single_token_bytes(token))
+    token_bytes = functools.lru_cache(maxsize=None)(tokenizer.decode_single_token_bytes)  # for logprobs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -137,7 +137,8 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
-        return ApiError(error.status_code, str(error.detail), headers=error.headers).response()
+        code = "request_too_large" if error.status_code == 413 else None  # BodySizeLimit's
+        return ApiError(error.status_code, str(error.detail), code=code, headers=error.headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
@@ -309,17 +310,17 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineUnavailable as error:
             raise ApiError(503, f"server unavailable: {error}", type="server_error", code="unavailable") from None
-        reply = _Reply(endpoint, served.name, n, token_text)
+        reply = _Reply(endpoint, served.name, token_bytes)
         if echo:
             reply.echo_ids = [prompt_ids[index // n] for index in range(len(rows))]
             reply.echo = [tokenizer.decode(ids) for ids in reply.echo_ids]
-        answer = _Answer(rows, events, record, loop.time() + timeout_s + BACKSTOP_GRACE_S)
+        answer = _Answer(rows, events, record, loop.time() + timeout_s + BACKSTOP_GRACE_S, notify)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(reply, answer, include_usage), media_type="text/event-stream")
         return await collect(reply, answer, request)
 
-    async def next_event(answer: "_Answer", timeout: float | None = None):
+    async def next_event(answer: _Answer, timeout: float | None = None):
         """(index, event) of the next event, or None past the backstop deadline."""
         remaining = answer.backstop - asyncio.get_running_loop().time()
         try:
@@ -400,64 +401,67 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             except Exception:  # a listener's bug never fails the request
                 log.exception("request listener failed")
 
-    class _Answer:
-        """The choices of one request as their events arrive."""
-
-        def __init__(self, rows: list[GenerationRequest], events: asyncio.Queue, record: RequestRecord, backstop: float):
-            self.rows, self.events, self.record, self.backstop = rows, events, record, backstop
-            self.texts = [[] for _ in rows]
-            self.tokens = [[] for _ in rows]  # per choice: its token events (for logprobs)
-            self.prompt_logprobs: list[dict | None] = [None] * len(rows)
-            self.ends: list[dict | None] = [None] * len(rows)
-            self.started = time.monotonic()
-            self.recorded = False
-
-        @property
-        def finished(self) -> bool:
-            return all(end is not None for end in self.ends)
-
-        def take(self, index: int, event: dict) -> None:
-            if event["type"] == "prompt":
-                self.prompt_logprobs[index] = event
-            elif event["type"] == "text":
-                self.texts[index].append(event["text"])
-                self.tokens[index].append(event)
-            else:
-                self.ends[index] = event
-                if event["type"] == "done":
-                    self.texts[index].append(event["text"])
-
-        def usage(self) -> dict:
-            prompt = self.record.prompt_tokens
-            completion = sum(end.get("completion_tokens", 0) for end in self.ends if end is not None)
-            return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-        def done(self, response, status: int):
-            if not self.recorded:
-                self.recorded = True
-                self.record.status = status
-                self.record.completion_tokens = self.usage()["completion_tokens"]
-                self.record.finish_reasons = [end.get("finish_reason") if end else None for end in self.ends]
-                self.record.latency_s = time.monotonic() - self.started
-                notify(self.record)
-            return response
-
-        def cancel(self) -> None:
-            for row in self.rows:
-                row.cancel()
-
     add_pages(app)
     app.add_middleware(AccessMiddleware, keys=ApiKeys(api_keys), limits=limits, metrics=metrics,
                        routes=frozenset(route.path for route in app.routes), log_content=log_content)
     return app
 
 
+class _Answer:
+    """The choices of one request as their events arrive; `done` hands its RequestRecord to
+    `notify` once."""
+
+    def __init__(self, rows: list[GenerationRequest], events: asyncio.Queue, record: RequestRecord, backstop: float,
+                 notify: Callable[[RequestRecord], None]):
+        self.rows, self.events, self.record, self.backstop, self.notify = rows, events, record, backstop, notify
+        self.texts = [[] for _ in rows]
+        self.tokens = [[] for _ in rows]  # per choice: its token events (for logprobs)
+        self.prompt_logprobs: list[dict | None] = [None] * len(rows)
+        self.ends: list[dict | None] = [None] * len(rows)
+        self.started = time.monotonic()
+        self.recorded = False
+
+    @property
+    def finished(self) -> bool:
+        return all(end is not None for end in self.ends)
+
+    def take(self, index: int, event: dict) -> None:
+        if event["type"] == "prompt":
+            self.prompt_logprobs[index] = event
+        elif event["type"] == "text":
+            self.texts[index].append(event["text"])
+            self.tokens[index].append(event)
+        else:
+            self.ends[index] = event
+            if event["type"] == "done":
+                self.texts[index].append(event["text"])
+
+    def usage(self) -> dict:
+        prompt = self.record.prompt_tokens
+        completion = sum(end.get("completion_tokens", 0) for end in self.ends if end is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def done(self, response, status: int):
+        if not self.recorded:
+            self.recorded = True
+            self.record.status = status
+            self.record.completion_tokens = self.usage()["completion_tokens"]
+            self.record.finish_reasons = [end.get("finish_reason") if end else None for end in self.ends]
+            self.record.latency_s = time.monotonic() - self.started
+            self.notify(self.record)
+        return response
+
+    def cancel(self) -> None:
+        for row in self.rows:
+            row.cancel()
+
+
 class _Reply:
     """The OpenAI JSON of one response: a text completion or a chat completion."""
 
-    def __init__(self, endpoint: str, model: str, n: int, token_bytes: Callable[[int], bytes]):
+    def __init__(self, endpoint: str, model: str, token_bytes: Callable[[int], bytes]):
         self.chat = endpoint == "chat"
-        self.model, self.n, self.token_bytes = model, n, token_bytes
+        self.model, self.token_bytes = model, token_bytes
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.echo: list[str] | None = None  # completions with echo: each choice's prompt text
@@ -486,7 +490,7 @@ class _Reply:
                 entries = self._prompt_entries(prompt_logprobs, index)
             elif token and "logprob" in token:
                 entries = [(token["token"], token["logprob"], token["top_logprobs"])]
-            logprobs = self._completion_logprobs(entries, 0) if entries else None
+            logprobs = self._completion_logprobs(entries) if entries else None
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**self.head(), "choices": [choice], "usage": None}
 
@@ -505,7 +509,7 @@ class _Reply:
             prompt = self._prompt_entries(answer.prompt_logprobs[index], index) if self.echo else []
             if self.echo:
                 text = self.echo[index] + text
-            logprobs = self._completion_logprobs(prompt + generated, 0) \
+            logprobs = self._completion_logprobs(prompt + generated) \
                 if answer.rows[index].sampling.logprobs is not None else None
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": end["finish_reason"]})
         head = {**self.head(), "object": "chat.completion" if self.chat else "text_completion"}
@@ -519,9 +523,10 @@ class _Reply:
             return []
         return list(zip(self.echo_ids[index], prompt_logprobs["logprobs"], prompt_logprobs["top_logprobs"]))
 
-    def _completion_logprobs(self, entries: list[tuple], offset: int) -> dict:
-        """Completions' shape: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset."""
-        tokens, offsets = [], []
+    def _completion_logprobs(self, entries: list[tuple]) -> dict:
+        """Completions' shape: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset
+        (where each token starts in this choice's text; in a streamed chunk, in the chunk's)."""
+        tokens, offsets, offset = [], [], 0
         for token, _, _ in entries:
             offsets.append(offset)
             tokens.append(self._text(token))
@@ -551,22 +556,24 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._too_large(int(length)).response()(scope, receive, send)
+            error = ApiError(413, self._too_large(int(length)), code="request_too_large")
+            return await error.response()(scope, receive, send)
         received = 0
 
         async def limited_receive():
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise self._too_large(received)  # answered by the app's ApiError handler
+            if received > self.max_bytes:  # no Content-Length (chunked): stop reading here
+                # An HTTPException passes FastAPI's body parsing untouched; the app's handler answers it.
+                raise HTTPException(413, self._too_large(received))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _too_large(self, size: int) -> ApiError:
-        return ApiError(413, f"the request body is over {self.max_bytes:,} bytes ({size:,}); this server's limit "
-                             "follows from the model's context", code="request_too_large")
+    def _too_large(self, size: int) -> str:
+        return (f"the request body is over {self.max_bytes:,} bytes ({size:,} so far); this server's limit follows "
+                "from the model's context")
 
 
 def max_token_bytes(tokenizer) -> int:

@@ -73,7 +73,7 @@ class Sampling:
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (completions' echo)
 
 
-@dataclass
+@dataclass(eq=False)  # each request is itself: the queue finds and removes it by identity
 class GenerationRequest:
     """What to generate, and where the events go. `deliver` receives, on the engine
     thread:
