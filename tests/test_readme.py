@@ -158,6 +158,8 @@ def block_environment(block: Block) -> dict[str, str]:
     env["MPLBACKEND"] = "Agg"
     for name in ("PYTEST_CURRENT_TEST", "TRITON_INTERPRET"):  # set for the test suite (conftest), not by a user
         env.pop(name, None)
+    for name in [name for name in env if name.startswith("PYTEST_XDIST_")]:  # a README pytest is not an xdist worker
+        del env[name]
     env.update(block.env)
     return env
 
