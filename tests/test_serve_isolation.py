@@ -20,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 import llm.serving.app as app_module
 from llm.config import GPTConfig
+from llm.generate import generate
 from llm.model import GPT
 from llm.serving.engine import BatchingEngine, EngineUnavailable, GenerationRequest, Sampling
 from llm.serving.loading import load_served_model
@@ -114,6 +115,28 @@ def test_a_fault_at_any_engine_step_ends_every_request_and_frees_every_place(mod
         if target == "model":
             del model.forward  # the instance attribute: back to GPT.forward
         engine.stop()
+
+
+def test_rows_freed_at_different_steps_are_refilled_and_each_request_keeps_its_own_context(model, tokenizer):
+    """Six greedy requests admitted together (one submit: one batch, whatever the machine's
+    load), finishing at different steps, so the last row moves into each freed row: every
+    request's tokens are what it decodes alone."""
+    prompts = [[5, 9, 200], [7], [100, 101, 102, 103, 104], [11, 12], [40, 41, 42, 43], [250, 3]]
+    lengths = [9, 2, 7, 3, 11, 5]
+    engine = BatchingEngine(model, tokenizer, max_batch=len(prompts), max_queue=0)
+    listeners = [Listener() for _ in prompts]
+    try:
+        engine.start()
+        engine.submit(*[GenerationRequest(prompt_ids=p, max_tokens=n, sampling=Sampling(temperature=0), stop=[],
+                                          timeout_s=30, deliver=listener)
+                        for p, n, listener in zip(prompts, lengths, listeners)])
+        assert all(listener.ended.wait(20) for listener in listeners)
+    finally:
+        engine.stop()
+    assert engine.stats["largest_batch"] == len(prompts)  # they did decode together
+    for prompt, length, listener in zip(prompts, lengths, listeners):
+        alone = generate(model, torch.tensor([prompt]), length, temperature=0)[0, len(prompt):]  # (length,)
+        assert [e["token"] for e in listener.events if e["type"] == "text"] == alone.tolist()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
