@@ -79,7 +79,7 @@ def test_llm_eval_tool_use_reports_with_and_without_the_calculator(instruct_chec
 
 def test_llm_generate_puts_system_and_examples_in_the_template_and_applies_the_policy(
         instruct_checkpoint, tmp_path, capsys, monkeypatch):  # fmt: skip
-    import llm.generate as generate
+    import llm.generate_cli as generate
 
     seen = []
 

@@ -12,7 +12,7 @@ import torch
 from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
 import llm.evaluate
-import llm.generate
+import llm.generate_cli
 from llm.chat_template import Message, checkpoint_template, get_template
 from llm.finetune.datasets import Conversation, Instruction, read_instructions
 from llm.checkpoint import load_checkpoint, save_checkpoint
@@ -109,9 +109,9 @@ def test_llm_generate_prompts_an_instruction_model_in_its_own_template(tmp_path,
     checkpoint.update(task="instruct", **({"chat_template": recorded} if recorded else {}))
     save_checkpoint(tmp_path / "ckpt.pt", checkpoint)
     seen = []
-    monkeypatch.setattr(llm.generate, "stream_text", lambda model, tok, ids, *a, **k: seen.append(ids) or iter(["ok"]))
-    llm.generate.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Name the play.", "--input", "To be",
-                       "--device", "cpu"])
+    monkeypatch.setattr(llm.generate_cli, "stream_text", lambda model, tok, ids, *a, **k: seen.append(ids) or iter(["ok"]))
+    llm.generate_cli.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--prompt", "Name the play.", "--input", "To be",
+                           "--device", "cpu"])
     template = get_template(recorded or "alpaca")  # no record: an older, Alpaca-trained fine-tune
     assert seen == [template.prompt_ids(template.instruction_messages("Name the play.", "To be"), tokenizer)]
 

@@ -11,7 +11,7 @@ import torch
 
 from llm.checkpoint import save_checkpoint
 from llm.config import GPTConfig
-from llm.generate import main as generate_main
+from llm.generate_cli import main as generate_main
 from llm.model import GPT
 from llm.tokenizer_cli import main as tokenizer_main
 from llm.tokenizer import tokenizer_to_dict, train_bpe

@@ -8,10 +8,11 @@ import torch
 from finetune_helpers import one_thread, save_tiny_checkpoint  # noqa: F401
 
 import llm.generate
+import llm.generate_cli
 from llm.evaluate import main as eval_main
 from llm.finetune import FinetuneConfig, finetune
-from llm.generate import main as generate_main
 from llm.generate import stream_text
+from llm.generate_cli import main as generate_main
 from llm.tokenizer import gpt2_tokenizer
 
 
@@ -97,7 +98,7 @@ def test_generate_streams_applies_template_and_refuses_classifiers(finetuned, ca
     assert capsys.readouterr().out == streamed and len(printed) == 2  # the prompt, then the whole text
 
     seen = []
-    monkeypatch.setattr(llm.generate, "stream_text", lambda model, tokenizer, ids, *a, **k: seen.append(ids) or iter(["ok"]))
+    monkeypatch.setattr(llm.generate_cli, "stream_text", lambda model, tokenizer, ids, *a, **k: seen.append(ids) or iter(["ok"]))
     generate_main(["--checkpoint", str(finetuned / "instruct/ckpt.pt"), "--prompt", "Repeat the word.",
                    "--input", "yes"])  # fmt: skip
     assert gpt2_tokenizer().decode(seen[0]).endswith("<|user|>\nRepeat the word.\n\nyes\n<|assistant|>\n")  # its chat template

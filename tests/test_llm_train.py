@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from llm.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from llm.data import BatchLoader
 from llm.generate import complete, generate
-from llm.generate import main as generate_main
+from llm.generate_cli import main as generate_main
 from llm.train import TrainConfig, build_optimizer, learning_rate, train
 from llm.train import main as train_main
 

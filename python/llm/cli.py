@@ -1,7 +1,7 @@
 """What every console script shares: option types that check their range, and one line
 (never a traceback) for bad input.
 
-Conventions for a command module (llm.train, llm.generate, ...):
+Conventions for a command module (llm.train, llm.generate_cli, ...):
   build_parser()  its argparse parser, with `prog` set to the command people type;
   main(argv)      decorated with @command(prog): a ValueError / FileNotFoundError raised for bad
                   input ends the program with "<prog>: error: <message>" and exit status 2,
