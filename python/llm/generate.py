@@ -3,8 +3,8 @@
 With the KV cache (default) the prompt runs once (prefill) and each new token then
 costs one position: its query attends to the cached keys/values (query length 1,
 key length S). With use_fused, that decode step goes through
-llmkernels.flash_attention, whose bottom-right-aligned causal mask handles Sq != Sk;
-fused kernels that only take Sq == Sk leave it to llmkernels' reference path.
+llmkernels.flash_attention, whose bottom-right-aligned causal mask handles Sq != Sk: on a
+GPU the Triton kernel takes it (the CUDA kernel needs Sq == Sk).
 
 The llm-generate command over these is llm.generate_cli.
 """

@@ -119,8 +119,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         elif self.use_fused:
             # Causal mask aligned bottom-right: query i (of T) sees keys j <= i + S - T.
-            # A fused kernel runs when it supports the shapes (training: S == T);
-            # decoding (T=1 against the cache) falls back to llmkernels' reference.
+            # On a GPU the CUDA kernel takes S == T (training) where it fits and the Triton
+            # kernel the rest, decoding included (T=1 against the cache); on CPU, llmkernels'
+            # reference (or Triton's interpreter under TRITON_INTERPRET=1).
             y = _llmkernels().flash_attention(q, k, v, causal=True)  # (B, H, T, D)
         else:
             y = self._attention(q, k, v)  # (B, H, T, D)
