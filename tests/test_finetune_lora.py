@@ -1,6 +1,8 @@
 """LoRA through peft: the base model at initialisation, only adapters train, merged equals
 unmerged (plain and fused model), adapters saved and loaded alone, for an LM and a classifier."""
 
+import os
+
 import pytest
 import torch
 from finetune_helpers import one_thread, tiny_gpt  # noqa: F401
@@ -82,3 +84,16 @@ def test_adapters_round_trip_alone(tmp_path, generator):
         apply_adapters(tiny_gpt(n_embd=64), tmp_path / "lm")
     with pytest.raises(FileNotFoundError, match="adapters.safetensors not found"):
         apply_adapters(tiny_gpt(), tmp_path)
+
+
+def test_saved_adapters_get_the_permissions_of_any_new_file(tmp_path):
+    umask = os.umask(0o022)  # one that tells 0644 (a plain open()) from safetensors' own 0600
+    try:
+        save_adapters(tmp_path / "adapters", {"lora_A": torch.ones(2, 3)}, {"rank": 2})
+        (tmp_path / "plain.txt").open("w").close()
+    finally:
+        os.umask(umask)
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        mode = (tmp_path / "adapters" / name).stat().st_mode & 0o777
+        assert mode == plain, f"{name}: {oct(mode)}, a new file gets {oct(plain)}"

@@ -1,4 +1,6 @@
-"""Atomic file output: nothing half-written is ever left at the destination."""
+"""Atomic file output: nothing half-written is ever left at the destination, and what is
+left there has the permissions of any new file (some writers, safetensors among them,
+create theirs 0600)."""
 
 from __future__ import annotations
 
@@ -13,16 +15,25 @@ def atomic_output(path: str | os.PathLike):
 
     Write the whole file to the yielded path. os.replace is atomic on POSIX and
     Windows, so readers see either the old file or the complete new one; if writing
-    fails the temporary file is removed and `path` is untouched.
+    fails the temporary file is removed and `path` is untouched. The file gets
+    new_file_mode(), whatever mode its writer created it with.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def new_file_mode() -> int:
+    """The permissions an ordinary new file gets here: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

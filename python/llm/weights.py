@@ -155,13 +155,6 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def new_file_mode() -> int:
-    """The permissions an ordinary new file gets here: 0o666 less the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: tiktoken.Encoding | None = None) -> None:
     """Write model.safetensors + config.json that GPT2LMHeadModel.from_pretrained reads, and
     the tokenizer (llm_tokenizer.json) unless it is GPT-2's own."""
@@ -188,7 +181,6 @@ def save_hf(model: GPT, out_dir: str | os.PathLike, tokenizer: tiktoken.Encoding
     out_dir = Path(out_dir)
     with atomic_output(out_dir / "model.safetensors") as tmp:
         save_file(to_hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-        os.chmod(tmp, new_file_mode())  # safetensors creates it 0600; make it like its siblings
     with atomic_output(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None and tokenizer is not gpt2_tokenizer():
