@@ -7,7 +7,7 @@ a call runs only if its tool is allowed and its arguments match the schema, and 
 a time limit. A refused or failed call is not an exception: it comes back as an error result
 that the model reads, and the log records it.
 
-Built in: calculator (llm.apps.calculator), date (today's date), search (an index's top chunks).
+Built in: calculator (llm.apps.calculator, what llm-eval --tool-use offers) and date (today's date).
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ class Tool:
     description: str
     parameters: dict  # JSON schema: {"type": "object", "properties": {...}, "required": [...]}
     function: Callable[..., object]
-
-    def openai_schema(self) -> dict:
-        return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                 "parameters": self.parameters}}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,9 +72,6 @@ class ToolRegistry:
         self.allowed = tuple(allowed)
         self.timeout_s = timeout_s
 
-    def allowed_tools(self) -> list[Tool]:
-        return [self.tools[name] for name in self.allowed]
-
     def run(self, name: str, arguments: dict) -> ToolResult:
         """Run one call if the whitelist and the schema allow it, within the time limit."""
         started = time.perf_counter()
@@ -111,18 +104,3 @@ CALCULATOR = Tool(
 )
 DATE = Tool("date", "Today's date (YYYY-MM-DD).", {"type": "object", "properties": {}},
             lambda: datetime.date.today().isoformat())  # fmt: skip
-
-
-def search_tool(index, k: int = 3, snippet_chars: int = 300) -> Tool:
-    """A tool that searches a retrieval index (llm.apps.index) and returns numbered snippets."""
-
-    def search(query: str) -> str:
-        hits = index.search(query, k)
-        return "\n".join(f"[{h.rank}] {h.chunk.source}: {h.chunk.text[:snippet_chars]}" for h in hits) or "no results"
-
-    return Tool("search", "Search the document index; returns the best passages with their sources.",
-                {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}, search)  # fmt: skip
-
-
-def builtin_tools(index=None) -> list[Tool]:
-    return [CALCULATOR, DATE] + ([search_tool(index)] if index is not None else [])
