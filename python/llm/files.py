@@ -1,10 +1,12 @@
-"""Atomic file output: nothing half-written is ever left at the destination, and what is
-left there has the permissions of any new file (some writers, safetensors among them,
-create theirs 0600)."""
+"""Files out and in. Output is atomic: nothing half-written is ever left at the destination,
+and what is left there has the permissions of any new file (some writers, safetensors among
+them, create theirs 0600). Text input is strict UTF-8: a file that is not text is refused
+with its name and line, not silently garbled."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 from pathlib import Path
 
@@ -41,3 +43,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     mid-write, never see half of it."""
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A UTF-8 text file as a string (.gz decompressed first); ValueError naming the file and
+    the line of the first byte that is not UTF-8."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason}); convert it to UTF-8 first") from None

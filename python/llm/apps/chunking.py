@@ -7,21 +7,20 @@ came from, so an answer can cite it and a reader can check it.
 
 Chunks are cut on token boundaries (every chunk_tokens - overlap_tokens tokens a new one
 starts), and start/end are character offsets into the source text. Files are read as UTF-8,
-strictly: a file that is not text is refused with its name, not silently garbled. A .gz file
-is decompressed first (the built-in corpus is gzipped).
+strictly (llm.files.read_utf8): a file that is not text is refused with its name, not silently
+garbled. A .gz file is decompressed first (the built-in corpus is gzipped).
 """
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import tiktoken
 
 from llm.cli import int_in
 from llm.data import default_corpus, resolve_sources
+from llm.files import read_utf8
 
 CHUNK_TOKENS = int_in(8, 4096)
 DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS = 128, 32
@@ -47,22 +46,11 @@ class Chunk:
 def read_documents(sources: list[str] | None) -> list[Document]:
     """The documents named by paths, globs or folders; none = the built-in Shakespeare corpus."""
     paths = resolve_sources(sources) if sources else default_corpus()
-    documents = [Document(path.name if not sources else str(path), read_text(path)) for path in paths]
+    documents = [Document(path.name if not sources else str(path), read_utf8(path)) for path in paths]
     empty = [d.source for d in documents if not d.text.strip()]
     if empty:
         raise ValueError(f"empty document(s): {', '.join(empty[:5])}; nothing to index there")
     return documents
-
-
-def read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason}); convert it or leave it out") from None
 
 
 def chunk_text(text: str, tokenizer: tiktoken.Encoding, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,

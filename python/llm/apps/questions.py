@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm.apps.chunking import read_text
+from llm.files import read_utf8
 
 DEMO_QUESTIONS = Path(__file__).resolve().parents[1] / "assets" / "rag" / "demo_questions.jsonl"
 FIELDS = ("question", "answer", "source", "quote")
@@ -39,7 +39,7 @@ def read_questions(path: str | Path | None = None) -> list[Question]:
     if not path.is_file():
         raise FileNotFoundError(f"questions file not found: {path}")
     questions = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.chat_template import ROLES, Message
+from llm.files import read_utf8
 
 SPLITS = ("train", "val", "test")
 
@@ -160,11 +161,7 @@ def _skip(text: str, position: int, characters: str) -> int:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text ({error.reason})") from None
+    return read_utf8(path)
 
 
 def split_examples(examples: list, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
