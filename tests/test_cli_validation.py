@@ -187,6 +187,19 @@ def test_llm_generate_checks_the_prompt_length_before_printing_anything(tmp_path
     assert line.startswith("llm-generate: error: --prompt is ") and "the model's context holds 16" in line
 
 
+@pytest.mark.parametrize("command, argv", [
+    ("llm.evaluate", ["--checkpoint", MISSING]),
+    ("llm.finetune.cli", ["--checkpoint", MISSING, "--out-dir", MISSING]),
+    ("llm.rag", ["ask", "--index", MISSING, "--checkpoint", __file__, "question"]),
+])
+def test_every_command_checks_device_when_parsing(command, argv, capsys):
+    """Refused by the option's type, before a checkpoint or an index is looked at."""
+    import importlib
+
+    line = refused(importlib.import_module(command).main, [*argv, "--device", "gpu"], capsys)
+    assert "error: argument --device: unknown device 'gpu'; expected auto, cpu, cuda or cuda:N" in line, line
+
+
 def test_seeds_are_range_checked_and_the_whole_range_works(tmp_path, capsys):
     model, tokenizer = tiny_model_and_tokenizer()
     checkpoint = str(tmp_path / "ckpt.pt")

@@ -37,7 +37,7 @@ import torch
 
 from llm.chat_template import LEGACY_TEMPLATE
 from llm.checkpoint import TASKS, checkpoint_task
-from llm.cli import command, int_in, new_parser
+from llm.cli import command, device_name, int_in, new_parser
 from llm.finetune.classify import classifier_from_checkpoint
 from llm.files import write_text
 from llm.finetune.config import FinetuneConfig
@@ -46,7 +46,7 @@ from llm.finetune.lora import apply_adapters, merge_lora
 from llm.finetune.report import write_report
 from llm.finetune.tasks import make_task
 from llm.model import GPT
-from llm.runtime import autocast_for, resolve_device
+from llm.runtime import DEVICE_CHOICES, autocast_for, resolve_device
 from llm.weights import load_model_source
 
 PROG = "llm-eval"
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="default: eval/ beside the checkpoint, or inside --adapters")
     parser.add_argument("--batch-size", type=int_in(1), default=None)
     parser.add_argument("--answer-count", type=int_in(0), default=None, help="instruct: held-out prompts to answer")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_CHOICES)
     parser.add_argument("--use-fused", action="store_true")
     application = parser.add_mutually_exclusive_group()
     application.add_argument("--prompts", default=None, help="a JSON list of prompt variants to compare on --data")

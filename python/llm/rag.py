@@ -27,17 +27,19 @@ import json
 import time
 from pathlib import Path
 
-from llm.cli import command, existing_path, int_in, new_parser, shows_bar
+from llm.cli import command, device_name, existing_path, int_in, new_parser, shows_bar
 from llm.files import write_text
 
 PROG = "llm-rag"
 
 
 def add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    from llm.runtime import DEVICE_CHOICES
+
     parser.add_argument("--checkpoint", required=required, type=existing_path,
                         help="the model that answers: an llm checkpoint (.pt) or a GPT-2 folder")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int_in(1), default=48)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_CHOICES)
 
 
 def add_retrieval_options(parser: argparse.ArgumentParser) -> None:

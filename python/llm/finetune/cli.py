@@ -31,10 +31,11 @@ from pathlib import Path
 
 from llm.chat_template import LEGACY_TEMPLATE
 from llm.checkpoint import TASKS, check_existing_checkpoint, load_checkpoint
-from llm.cli import PROGRESS_SETTINGS, SEED, add_progress_options, command, float_in, int_in, new_parser
+from llm.cli import PROGRESS_SETTINGS, SEED, add_progress_options, command, device_name, float_in, int_in, new_parser
 from llm.finetune.config import ALL_BLOCKS, DTYPES, FULL_LR, HELD_OUT_FRACTION, LORA_LR, FinetuneConfig
 from llm.finetune.loop import finetune
 from llm.interrupts import TrainingInterrupted, exit_interrupted
+from llm.runtime import DEVICE_CHOICES
 
 PROG = "llm-finetune"
 # What may change when resuming; everything else continues as the fine-tune started.
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-count", type=int_in(0), default=d.answer_count,
                         help="instruct: held-out prompts answered in the report")  # fmt: skip
     parser.add_argument("--answer-tokens", type=int_in(1), default=d.answer_tokens)
-    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--device", type=device_name, default=d.device, help=DEVICE_CHOICES)
     parser.add_argument("--seed", type=SEED, default=d.seed)
     add_progress_options(parser)
     return parser
