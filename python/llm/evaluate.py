@@ -192,7 +192,7 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
     if model.chat is None:
         raise ValueError(f"--tool-use needs an instruction model (llm-finetune --task instruct --data "
                          f"{ARITHMETIC_DATASET}); {checkpoint} is a plain language model")
-    saved = load_model_source(checkpoint)[2].get("finetune_config") or {}
+    saved = model.checkpoint.get("finetune_config") or {}
     cfg = FinetuneConfig(task="instruct", init_from=checkpoint, data=[ARITHMETIC_DATASET],
                          val_fraction=saved.get("val_fraction", 0.1), test_fraction=saved.get("test_fraction", 0.1))
     records = split_examples(load_examples(cfg, read_instructions), cfg.val_fraction, cfg.test_fraction,

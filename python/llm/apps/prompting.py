@@ -55,8 +55,9 @@ class PromptedModel:
     when the context is full."""
 
     def __init__(self, model, tokenizer, template: ChatTemplate | None = None, max_new_tokens: int = 64,
-                 seed: int = 1337, **sampling):  # fmt: skip
+                 seed: int = 1337, checkpoint: dict | None = None, **sampling):  # fmt: skip
         self.model, self.tokenizer, self.chat = model, tokenizer, template
+        self.checkpoint = checkpoint or {}  # the checkpoint dict it came from ({} for GPT-2 weights)
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.sampling = {"temperature": 0.0, **sampling}
         self.context = model.config.context_length
@@ -127,4 +128,4 @@ def load_prompted_model(source: str, device: str = "auto", use_fused: bool = Fal
     if task == "classify":
         raise ValueError(f"{source} is a classifier (task classify): it predicts labels, not text")
     template = checkpoint_template(saved) if task == "instruct" else None
-    return PromptedModel(model.to(resolve_device(device)), tokenizer, template, **settings)
+    return PromptedModel(model.to(resolve_device(device)), tokenizer, template, checkpoint=saved, **settings)
