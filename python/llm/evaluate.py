@@ -171,7 +171,7 @@ def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_
     model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
     results = {variant.name: evaluate_variant(model, variant, records) for variant in variants}
     table = variants_table(results)
-    write_text(Path(out_dir or Path(checkpoint).parent / "eval") / "prompts.json",
+    write_text(Path(out_dir or default_out_dir(checkpoint, None)) / "prompts.json",
                json.dumps({"checkpoint": checkpoint, "records": len(records), "variants": results}, indent=1) + "\n")
     return results, table
 
@@ -202,7 +202,7 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
                "without": arithmetic_accuracy(model, records, None)}  # fmt: skip
     table = "\n".join(["| arithmetic, held-out questions | accuracy |", "|---|---|"] +
                       [f"| {name} | {r['accuracy']:.3f} ({r['questions']} questions) |" for name, r in results.items()])
-    write_text(Path(out_dir or Path(checkpoint).parent / "eval") / "tool_use.json",
+    write_text(Path(out_dir or default_out_dir(checkpoint, None)) / "tool_use.json",
                json.dumps({"checkpoint": checkpoint, **results}, indent=1) + "\n")
     return results, table
 
