@@ -200,6 +200,18 @@ def test_every_command_checks_device_when_parsing(command, argv, capsys):
     assert "error: argument --device: unknown device 'gpu'; expected auto, cpu, cuda or cuda:N" in line, line
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--prompts", MISSING, "--adapters", MISSING], "--adapters: not used by --prompts"),
+    (["--tool-use", "--data", "arithmetic-tools", "--batch-size", "2"], "--data, --batch-size: not used by --tool-use"),
+    (["--max-new-tokens", "5"], "--max-new-tokens: not used by the task's report"),
+])
+def test_llm_eval_refuses_options_its_run_would_ignore(argv, message, capsys):
+    from llm.evaluate import main as eval_main
+
+    line = refused(eval_main, ["--checkpoint", MISSING, *argv], capsys)
+    assert line.startswith(f"llm-eval: error: {message}"), line
+
+
 def test_seeds_are_range_checked_and_the_whole_range_works(tmp_path, capsys):
     model, tokenizer = tiny_model_and_tokenizer()
     checkpoint = str(tmp_path / "ckpt.pt")

@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_dir: str | None, device: str = "auto",
-                     answer_count: int | None = None, max_new_tokens: int = 64) -> tuple[dict, str]:  # fmt: skip
+                     answer_count: int | None = None, max_new_tokens: int = 64,
+                     use_fused: bool = False) -> tuple[dict, str]:  # fmt: skip
     """Each prompt variant over the labelled records; writes prompts.json to out_dir."""
     from llm.apps.prompt_variants import evaluate_variant, read_variants, variants_table
     from llm.apps.prompting import load_prompted_model
@@ -168,7 +169,7 @@ def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_
     records = [r for r in records if isinstance(r, Instruction)][: answer_count or 30]  # single-turn records
     if not records:
         raise ValueError(f"--data {' '.join(data)}: no single-turn instruction records to compare prompts on")
-    model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
+    model = load_prompted_model(checkpoint, device, use_fused, max_new_tokens=max_new_tokens)
     results = {variant.name: evaluate_variant(model, variant, records) for variant in variants}
     table = variants_table(results)
     write_text(Path(out_dir or default_out_dir(checkpoint, None)) / "prompts.json",
@@ -177,7 +178,7 @@ def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_
 
 
 def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto", answer_count: int | None = None,
-                      max_new_tokens: int = 64) -> tuple[dict, str]:  # fmt: skip
+                      max_new_tokens: int = 64, use_fused: bool = False) -> tuple[dict, str]:  # fmt: skip
     """Arithmetic accuracy with and without the calculator on the held-out arithmetic-tools
     questions (the fine-tune's own test split); writes tool_use.json to out_dir."""
     from llm.apps.guardrails import Policy
@@ -188,7 +189,7 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
     from llm.finetune.datasets import read_instructions
     from llm.finetune.tasks import SPLIT_SEED, load_examples
 
-    model = load_prompted_model(checkpoint, device, max_new_tokens=max_new_tokens)
+    model = load_prompted_model(checkpoint, device, use_fused, max_new_tokens=max_new_tokens)
     if model.chat is None:
         raise ValueError(f"--tool-use needs an instruction model (llm-finetune --task instruct --data "
                          f"{ARITHMETIC_DATASET}); {checkpoint} is a plain language model")
@@ -207,19 +208,33 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
     return results, table
 
 
+# The options each kind of run reads: one given to a run that would ignore it is refused.
+SHARED_OPTIONS = {"checkpoint", "out_dir", "answer_count", "device", "use_fused"}
+RUN_OPTIONS = {
+    "--prompts": SHARED_OPTIONS | {"prompts", "data", "max_new_tokens"},
+    "--tool-use": SHARED_OPTIONS | {"tool_use", "max_new_tokens"},
+    "the task's report": SHARED_OPTIONS | {"before", "adapters", "task", "data", "data_dir", "batch_size"},
+}
+
+
 @command(PROG)
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    options = vars(args)
-    prompts, tool_use, max_new_tokens = options.pop("prompts"), options.pop("tool_use"), options.pop("max_new_tokens")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = "--prompts" if args.prompts else "--tool-use" if args.tool_use else "the task's report"
+    ignored = [name for name, value in vars(args).items()
+               if name not in RUN_OPTIONS[run] and value != parser.get_default(name)]  # fmt: skip
+    if ignored:
+        parser.error(f"{', '.join('--' + name.replace('_', '-') for name in ignored)}: not used by {run}")
     with torch.no_grad():
-        if prompts:
-            _, table = evaluate_prompts(args.checkpoint, prompts, args.data, args.out_dir, args.device,
-                                        args.answer_count, max_new_tokens)  # fmt: skip
-        elif tool_use:
-            _, table = evaluate_tool_use(args.checkpoint, args.out_dir, args.device, args.answer_count, max_new_tokens)
+        if args.prompts:
+            _, table = evaluate_prompts(args.checkpoint, args.prompts, args.data, args.out_dir, args.device,
+                                        args.answer_count, args.max_new_tokens, args.use_fused)  # fmt: skip
+        elif args.tool_use:
+            _, table = evaluate_tool_use(args.checkpoint, args.out_dir, args.device, args.answer_count,
+                                         args.max_new_tokens, args.use_fused)  # fmt: skip
         else:
-            _, table = evaluate(**options)
+            _, table = evaluate(**{name: value for name, value in vars(args).items() if name in RUN_OPTIONS[run]})
     print(table)
 
 
