@@ -64,7 +64,6 @@ class InstructionSet:
         kept = [(record, row) for record, row in encoded if row[1].index(True) < context]
         self.records = [record for record, _ in kept]
         self.rows = [row for _, row in kept]
-        self.template = template
         self.dropped = len(records) - len(kept)
         self.context = context
         self.pad_token = tokenizer.eot_token
