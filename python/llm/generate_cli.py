@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Print samples: the prompt and its continuation, or for an instruction model (checkpoint
     task "instruct") the response to --prompt put in the instruction template."""
-    from llm.apps.prompting import plain_prompt, read_examples, render_messages
+    from llm.apps.prompting import encode_prompt, read_examples
     from llm.chat_template import checkpoint_template
     from llm.checkpoint import checkpoint_task, load_checkpoint, model_from_checkpoint
     from llm.runtime import resolve_device
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     if task == "instruct":
         template = checkpoint_template(checkpoint)
         user = template.instruction_messages(args.prompt, args.input or "")[0].content
-        prompt_ids = template.prompt_ids(render_messages(template, user, args.system, examples), tokenizer)
+        prompt_ids = encode_prompt(tokenizer, template, user, args.system, examples)
     elif few_shot:
-        prompt_ids = tokenizer.encode_ordinary(plain_prompt(args.prompt, args.system, examples))
+        prompt_ids = encode_prompt(tokenizer, None, args.prompt, args.system, examples)
     else:
         prompt_ids = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     if len(prompt_ids) > model.config.context_length:  # before anything is printed

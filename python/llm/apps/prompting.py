@@ -49,6 +49,15 @@ def plain_prompt(user: str, system: str | None = None, examples: list[Instructio
     return text + f"Input: {user}\nOutput:"
 
 
+def encode_prompt(tokenizer, template: ChatTemplate | None, user: str, system: str | None = None,
+                  examples: list[Instruction] = ()) -> list[int]:
+    """The ids of the prompt: in the chat template (render_messages), or for a plain language
+    model (template None) the text plain_prompt writes."""
+    if template is None:
+        return tokenizer.encode_ordinary(plain_prompt(user, system, examples))
+    return template.prompt_ids(render_messages(template, user, system, examples), tokenizer)
+
+
 class PromptedModel:
     """A model, its tokenizer and its template, with what the applications need from it:
     prompts in its template, and completions that stop at <|endoftext|>, at a stop string, or
@@ -72,9 +81,7 @@ class PromptedModel:
         return self.context - self.max_new_tokens
 
     def render(self, system: str | None, user: str, examples: list[Instruction] = ()) -> list[int]:
-        if self.chat is None:
-            return self.tokenizer.encode_ordinary(plain_prompt(user, system, examples))
-        return self.chat.prompt_ids(render_messages(self.chat, user, system, examples), self.tokenizer)
+        return encode_prompt(self.tokenizer, self.chat, user, system, examples)
 
     def count_tokens(self, prompt: list[int]) -> int:
         return len(prompt)
