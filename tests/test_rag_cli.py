@@ -62,6 +62,8 @@ def test_builtin_demo_questions_retrieve_their_gold_passages(tmp_path, capsys):
 
 def test_bad_input_is_one_line_and_exit_2(docs, tmp_path, capsys):
     assert "no index at" in fails(capsys, "eval", "--index", tmp_path / "missing")
+    assert "argument --min-relevance: expected a number, got 'nan'" in fails(
+        capsys, "eval", "--index", tmp_path / "missing", "--min-relevance", "nan")  # refused when parsed
     (tmp_path / "empty.txt").write_text("\n")
     assert "empty document" in fails(capsys, "index", tmp_path / "empty.txt", "--out", tmp_path / "i1")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage")

@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from llm.cli import command, device_name, existing_path, int_in, new_parser, shows_bar
+from llm.cli import command, device_name, existing_path, float_in, int_in, new_parser, shows_bar
 from llm.files import write_text
 
 PROG = "llm-rag"
@@ -50,7 +50,7 @@ def add_retrieval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retriever", choices=RETRIEVERS, default="auto",
                         help="auto = hybrid when the index has embeddings, else bm25")  # fmt: skip
     parser.add_argument("--embedder", default=None, help="must be the index's own (default: the one it records)")
-    parser.add_argument("--min-relevance", type=float, default=None,
+    parser.add_argument("--min-relevance", type=float_in(), default=None,
                         help="below this the answer is 'I don't know' (default: bm25 3.0, cosine 0.3)")  # fmt: skip
 
 
