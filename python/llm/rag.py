@@ -91,8 +91,7 @@ def run_index(args) -> None:
     if args.overlap_tokens >= args.chunk_tokens:
         raise ValueError(f"--overlap-tokens ({args.overlap_tokens}) must be smaller than --chunk-tokens "
                          f"({args.chunk_tokens})")
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; pass --overwrite to replace it, or another --out")
+    RetrievalIndex.check_destination(args.out, args.overwrite)  # before the work, not after it
     started = time.perf_counter()
     documents = read_documents(args.documents)
     embedder = SentenceEmbedder(args.embedder) if args.embedder else None

@@ -87,13 +87,20 @@ class RetrievalIndex:
         }  # fmt: skip
         return cls(chunks, manifest, bm25, embeddings, embedder)
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write the folder beside its destination, then move it in: never half an index at `path`."""
+    @staticmethod
+    def check_destination(path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Raise unless save(path, overwrite) may write there: nothing there yet, or with
+        `overwrite` an index (never another folder)."""
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, or another --out")
         if path.exists() and not (path / "manifest.json").is_file():
             raise ValueError(f"{path} exists and is not an index; refusing to replace it")
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write the folder beside its destination, then move it in: never half an index at `path`."""
+        path = Path(path)
+        self.check_destination(path, overwrite)
         staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
