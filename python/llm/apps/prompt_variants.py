@@ -24,7 +24,7 @@ from pathlib import Path
 
 from llm.apps.prompting import PromptedModel, example_text
 from llm.apps.questions import contains_answer
-from llm.finetune.datasets import Instruction
+from llm.finetune.datasets import Instruction, instruction_record
 from llm.finetune.instruct import exact_match
 
 VARIANT_FIELDS = {"name", "system", "examples", "template"}
@@ -54,17 +54,16 @@ def read_variants(path: str | Path) -> list[Variant]:
         if not isinstance(value, dict) or not isinstance(value.get("name"), str) or set(value) - VARIANT_FIELDS:
             raise ValueError(f"{where}: expected an object with a name and optionally {', '.join(sorted(VARIANT_FIELDS - {'name'}))}")
         examples = value.get("examples", [])
-        if not isinstance(examples, list) or not all(isinstance(e, dict) and isinstance(e.get("instruction"), str)
-                                                     and isinstance(e.get("output"), str) for e in examples):  # fmt: skip
-            raise ValueError(f"{where}: examples must be objects with instruction and output strings")
+        if not isinstance(examples, list) or not all(isinstance(e, dict) for e in examples):
+            raise ValueError(f"{where}: examples must be a list of instruction records (instruction, input?, output)")
         template = value.get("template", "{input}")
         if not isinstance(template, str) or "{input}" not in template:
             raise ValueError(f"{where}: template must be a string containing {{input}}")
         system = value.get("system")
         if system is not None and not isinstance(system, str):
             raise ValueError(f"{where}: system must be a string")
-        variants.append(Variant(value["name"], system, [Instruction(e["instruction"], e.get("input", ""), e["output"])
-                                                        for e in examples], template))  # fmt: skip
+        variants.append(Variant(value["name"], system, [instruction_record(f"{where}, examples[{i}]", e)
+                                                        for i, e in enumerate(examples)], template))  # fmt: skip
     if len({v.name for v in variants}) != len(variants):
         raise ValueError(f"--prompts {path}: variant names must differ")
     return variants

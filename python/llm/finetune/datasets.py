@@ -87,13 +87,14 @@ def read_instructions(path: str | Path) -> list[Instruction | Conversation]:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with 'instruction' and 'output' (or 'messages'), "
                              f"found {type(record).__name__}")
-        records.append(_conversation(where, record["messages"]) if "messages" in record else _instruction(where, record))
+        records.append(_conversation(where, record["messages"]) if "messages" in record else instruction_record(where, record))
     if not records:
         raise ValueError(f"{path}: no instruction records")
     return records
 
 
-def _instruction(where: str, record: dict) -> Instruction:
+def instruction_record(where: str, record: dict) -> Instruction:
+    """An Alpaca record {"instruction", "input"?, "output"} checked; errors begin with `where`."""
     for field_name in ("instruction", "output"):
         if field_name not in record:
             raise ValueError(f"{where}: field {field_name!r} is missing")
