@@ -30,6 +30,7 @@ from llm.tokenizer import get_tokenizer
 
 FORMAT = 1
 RETRIEVERS = ("auto", "bm25", "dense", "hybrid")
+CHUNK_TOKENIZER = "gpt2"  # what chunk sizes are counted in, whatever model answers
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al., 2009)
 # The relevance below which retrieval found nothing useful, per retriever (see llm-rag eval).
 DEFAULT_MIN_RELEVANCE = {"bm25": 3.0, "dense": 0.3, "hybrid": 0.3}
@@ -71,16 +72,16 @@ class RetrievalIndex:
         self.path: Path | None = None
 
     @classmethod
-    def build(cls, documents: list[Document], chunk_tokens: int, overlap_tokens: int, tokenizer: str = "gpt2",
+    def build(cls, documents: list[Document], chunk_tokens: int, overlap_tokens: int,
               embedder: SentenceEmbedder | None = None, show_progress: bool = False) -> RetrievalIndex:  # fmt: skip
         bm25s = bm25s_module()
-        chunks = chunk_documents(documents, get_tokenizer(tokenizer), chunk_tokens, overlap_tokens)
+        chunks = chunk_documents(documents, get_tokenizer(CHUNK_TOKENIZER), chunk_tokens, overlap_tokens)
         texts = [c.text for c in chunks]
         bm25 = bm25s.BM25()
         bm25.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
         embeddings = embedder.embed(texts, show_progress) if embedder else None
         manifest = {
-            "format": FORMAT, "tokenizer": tokenizer, "chunk_tokens": chunk_tokens, "overlap_tokens": overlap_tokens,
+            "format": FORMAT, "tokenizer": CHUNK_TOKENIZER, "chunk_tokens": chunk_tokens, "overlap_tokens": overlap_tokens,
             "documents": [{"source": d.source, "chars": len(d.text)} for d in documents], "chunks": len(chunks),
             "retrievers": ["bm25"] + (["dense"] if embedder else []),
             "embedder": embedder.identity() if embedder else None,
