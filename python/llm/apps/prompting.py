@@ -1,5 +1,5 @@
 """A system message, few-shot examples and a user message -> the prompt ids for a model, in
-the template it was trained with, and greedy (or sampled) completions of them.
+the template it was trained with, and greedy completions of them.
 
   instruct   the model's chat template (llm.chat_template, recorded in its checkpoint): the
              system message first; the examples as earlier user / assistant turns ("chat"),
@@ -64,11 +64,10 @@ class PromptedModel:
     when the context is full."""
 
     def __init__(self, model, tokenizer, template: ChatTemplate | None = None, max_new_tokens: int = 64,
-                 seed: int = 1337, checkpoint: dict | None = None, **sampling):  # fmt: skip
+                 checkpoint: dict | None = None):  # fmt: skip
         self.model, self.tokenizer, self.chat = model, tokenizer, template
         self.checkpoint = checkpoint or {}  # the checkpoint dict it came from ({} for GPT-2 weights)
-        self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.sampling = {"temperature": 0.0, **sampling}
+        self.max_new_tokens = max_new_tokens
         self.context = model.config.context_length
         self.template = template.name if template else "plain"  # what the application log records
         if self.budget < 1:
@@ -104,12 +103,11 @@ class PromptedModel:
             raise ValueError(f"the prompt takes {len(ids)} tokens, the model's context is {self.context}; "
                              "shorten it")
         device = self.model.transformer.wte.weight.device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
         text = TextStream(self.tokenizer, stop=list(stop))
         count, finish_reason = 0, "length"
         budget = min(self.max_new_tokens, self.context - len(ids))
         for token in stream_tokens(self.model, torch.tensor([ids], device=device), budget,
-                                   eos_token=self.tokenizer.eot_token, generator=generator, **self.sampling):  # fmt: skip
+                                   temperature=0.0, eos_token=self.tokenizer.eot_token):  # fmt: skip
             token_id = token.item()
             if token_id == self.tokenizer.eot_token:
                 finish_reason = "stop"
