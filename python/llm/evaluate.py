@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from llm.chat_template import LEGACY_TEMPLATE
+from llm.chat_template import checkpoint_template
 from llm.checkpoint import TASKS, checkpoint_task
 from llm.cli import command, device_name, int_in, new_parser
 from llm.finetune.classify import classifier_from_checkpoint
@@ -98,7 +98,7 @@ def evaluate(
         after_model = task_model(gpt, saved, task)
     # The fine-tune's own data and splits, unless others are named.
     settings = dict(finetune_config, task=task, init_from=checkpoint, resume=False)
-    settings.setdefault("chat_template", saved.get("chat_template", LEGACY_TEMPLATE))  # the model's own template
+    settings.setdefault("chat_template", checkpoint_template(saved).name)  # the model's own template
     if data:
         settings["data"] = data
     for name, value in (("data_dir", data_dir), ("batch_size", batch_size), ("answer_count", answer_count)):

@@ -29,7 +29,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from llm.chat_template import LEGACY_TEMPLATE
+from llm.chat_template import checkpoint_template
 from llm.checkpoint import TASKS, check_existing_checkpoint, load_checkpoint
 from llm.cli import PROGRESS_SETTINGS, SEED, add_progress_options, command, device_name, float_in, int_in, new_parser
 from llm.finetune.config import ALL_BLOCKS, DTYPES, FULL_LR, HELD_OUT_FRACTION, LORA_LR, FinetuneConfig
@@ -120,7 +120,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         raise ValueError(f"{flags}: cannot change when resuming; the fine-tune continues with its saved settings "
                          f"(only {', '.join('--' + n.replace('_', '-') for n in RESUME_OPTIONS)} may change)")
     # A fine-tune saved before chat templates existed trained on Alpaca's.
-    saved = {"chat_template": checkpoint.get("chat_template", LEGACY_TEMPLATE), **checkpoint["finetune_config"]}
+    saved = {"chat_template": checkpoint_template(checkpoint).name, **checkpoint["finetune_config"]}
     given = {name: options[name] for name in RESUME_OPTIONS if getattr(args, name) != parser.get_default(name)}
     # The bar is this invocation's choice, not the saved run's; a resumed run replaces nothing.
     cfg = FinetuneConfig(**{**saved, **given, "out_dir": args.out_dir, "resume": True, "overwrite": False,
