@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
-    # The server's own lines (a request's user, as a hash; engine failures) at --log-level, beside uvicorn's.
+    # The server's own lines (engine failures, draining) at --log-level, beside uvicorn's.
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     keys = load_api_keys(args.api_key or [], args.api_key_file)
     host = args.host or ("0.0.0.0" if keys else "127.0.0.1")
