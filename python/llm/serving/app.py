@@ -198,8 +198,9 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if not applications.active(body):
             return await generate("chat", body, [plan.prompt_ids], max_tokens, sampling, request)
         # Checked before it is sent: generated whole, then filtered (and streamed as chunks if asked).
-        whole = body.model_copy(update={"stream": False, "stop": checked_stop(body.stop) + [CALL_END]})
-        response = await generate("chat", whole, [plan.prompt_ids], max_tokens, sampling, request)
+        whole = body.model_copy(update={"stream": False})
+        response = await generate("chat", whole, [plan.prompt_ids], max_tokens, sampling, request,
+                                  server_stops=(CALL_END,))
         if not isinstance(response, dict):  # the client went away
             return response
         response = applications.finish(response, plan, served.template)
@@ -276,11 +277,13 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
     # ------------------------------------------------------------------ generation
     async def generate(endpoint: str, body: SamplingFields, prompt_ids: list[list[int]], max_tokens: int,
-                       sampling: Sampling, request: Request, echo: bool = False):
+                       sampling: Sampling, request: Request, echo: bool = False,
+                       server_stops: tuple[str, ...] = ()):
         """Submit every choice (n per prompt, choice index = prompt * n + j) as its own row,
-        then answer with one JSON body or a stream."""
+        then answer with one JSON body or a stream. server_stops: stop sequences of the
+        server's own, beside the client's (which alone count toward MAX_STOP_SEQUENCES)."""
         n = body.n or 1
-        stops = checked_stop(body.stop)
+        stops = checked_stop(body.stop) + list(server_stops)
         base_seed = body.seed if body.seed is not None else secrets.randbits(62)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         record = request_record(request)  # the access middleware's: tokens, first token, the log line
