@@ -372,7 +372,9 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
                         (["--ckpt", str(classify), "--port", "70000"], "--port"),
                         (["--ckpt", str(classify), "--timeout", "0"], "--timeout"),
                         (["--ckpt", str(classify), "--device", "tpu"], "--device"),
-                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout")]:
+                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout"),
+                        (["--ckpt", str(classify), "--api-key-file", str(tmp_path / "keys.txt")], "--api-key-file"),
+                        (["--ckpt", str(classify), "--rag-index", str(tmp_path / "index")], "--rag-index")]:
         with pytest.raises(SystemExit) as exit_info:
             serve_main(argv)
         err = capsys.readouterr().err.strip()
