@@ -53,9 +53,6 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self._keys)
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def client_of(self, authorization: str | None) -> str | None:
         """The key id for an `Authorization: Bearer KEY` header carrying an accepted key, else None."""
         if not authorization or authorization[:len(BEARER)].lower() != BEARER:
