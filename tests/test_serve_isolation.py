@@ -239,6 +239,31 @@ def test_null_max_tokens_on_completions_is_16(instruct_ckpt, caplog):
     assert records[-1]["completion_tokens"] == body["usage"]["completion_tokens"] and records[-1]["user_hash"] is None
 
 
+def test_more_choices_than_places_are_refused_before_any_prompt_is_tokenized(instruct_ckpt, monkeypatch):
+    served = load_served_model(instruct_ckpt, device="cpu")
+    encoded = []
+
+    def counted(encode):
+        def encode_and_count(*args, **kwargs):
+            encoded.append(args)
+            return encode(*args, **kwargs)
+        return encode_and_count
+
+    for name in ("encode", "encode_ordinary"):
+        monkeypatch.setattr(served.tokenizer, name, counted(getattr(served.tokenizer, name)))
+    with running(served, max_concurrency=1, queue_size=1) as client:  # two places
+        refused = [client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 2}),
+                   client.post("/v1/completions", json={"prompt": "a", "n": 3, "max_tokens": 2}),
+                   client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}], "n": 3,
+                                                             "max_tokens": 2})]
+        assert encoded == []
+        assert client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}).status_code == 200
+    for response in refused:
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+        assert "3 choices (prompts x n) can never fit this server's 2 places" in response.json()["error"]["message"]
+    assert encoded  # the one that fits was tokenized here
+
+
 def test_big_prompts_are_refused_before_work_and_do_not_delay_small_requests(instruct_ckpt):
     """Review defect 4: eight 10 MB prompts delayed a 5-token request from 0.08 s to 3.6 s."""
     served = load_served_model(instruct_ckpt, device="cpu")

@@ -21,7 +21,8 @@ choices is its own batch row.
 
 Limits, checked before any work: a body over max_body_bytes is a 413 (read no further); a
 prompt longer in bytes than the context could ever hold (context x the longest token's
-bytes) is a 400 before it is tokenized; tokenizing runs off the event loop. At most
+bytes), or more choices (prompts x n) than the server has places (--max-concurrency +
+--queue), is a 400 before anything is tokenized; tokenizing runs off the event loop. At most
 --max-concurrency rows decode at once (batched, one forward per step) and --queue more
 wait; a request that does not fit gets 429 with Retry-After, and a server that cannot
 serve (shutting down, generation thread stopped) answers 503. A request that runs past
@@ -169,6 +170,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         check_model(body.model)
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
             else [body.prompt]
+        check_choices(len(prompts) * (body.n or 1))
         prompt_ids = [await prompt_tokens(prompt) for prompt in prompts]
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         for ids in prompt_ids:
@@ -184,6 +186,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             raise ApiError(400, f"model {served.name!r} is not instruction-tuned (task {served.task!r}); "
                                 "use /v1/completions", param="model", code="not_a_chat_model")
         check_prompt_bytes(sum(len(m.text().encode()) for m in body.messages), "messages")
+        check_choices(body.n or 1)
         field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         plan = await asyncio.to_thread(applications.plan, body, served.template, tokenizer, context,
                                        getattr(body, field_name))  # fmt: skip
@@ -216,6 +219,12 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if model is not None and model != served.name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {served.name!r}",
                            param="model", code="model_not_found")
+
+    def check_choices(rows: int) -> None:
+        """Every choice (prompts x n) is a row of its own: more than the server's places never fit."""
+        if rows > max_concurrency + queue_size:
+            raise ApiError(400, f"{rows} choices (prompts x n) can never fit this server's "
+                                f"{max_concurrency + queue_size} places (--max-concurrency + --queue)", param="n")
 
     def check_prompt_bytes(size: int, param: str) -> None:
         if size > prompt_byte_bound:
@@ -297,9 +306,6 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                     stop=stops, timeout_s=timeout_s,
                     deliver=record.watching(index, functools.partial(
                         lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event)), index))))
-        if len(rows) > max_concurrency + queue_size:
-            raise ApiError(400, f"{len(rows)} choices (prompts x n) can never fit this server's "
-                                f"{max_concurrency + queue_size} places (--max-concurrency + --queue)", param="n")
         record.choices = len(rows)
         prompt_tokens = sum(map(len, prompt_ids))
         limits.reserve_tokens(record, prompt_tokens, len(rows) * max_tokens)  # 429: tokens/min spent
