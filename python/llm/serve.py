@@ -51,7 +51,8 @@ def build_parser():
     parser.add_argument("--api-key", action="append", metavar="KEY",
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeatable; also "
                              f"{KEYS_ENV}=k1,k2 and --api-key-file)")
-    parser.add_argument("--api-key-file", type=existing_file, metavar="FILE", help="accepted keys, one a line (# comments allowed)")
+    parser.add_argument("--api-key-file", type=existing_file, metavar="FILE",
+                        help="accepted keys, one a line (# comments allowed)")
     parser.add_argument("--requests-per-minute", type=int_in(1, 10**9), metavar="N",
                         help="per client (API key, else address): requests a minute, as a token bucket (default: no limit)")
     parser.add_argument("--tokens-per-minute", type=int_in(1, 10**12), metavar="N",
