@@ -307,9 +307,9 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                     deliver=record.watching(index, functools.partial(
                         lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event)), index))))
         record.choices = len(rows)
-        prompt_tokens = sum(map(len, prompt_ids))
-        limits.reserve_tokens(record, prompt_tokens, len(rows) * max_tokens)  # 429: tokens/min spent
-        record.prompt_tokens = prompt_tokens
+        prompt_total = sum(map(len, prompt_ids))
+        limits.reserve_tokens(record, prompt_total, len(rows) * max_tokens)  # 429: tokens/min spent
+        record.prompt_tokens = prompt_total
         record.prompt = body.model_dump(include={"prompt", "messages"})  # logged with --log-content only
         try:
             engine.submit(*rows)
@@ -325,7 +325,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if echo:
             reply.echo_ids = [prompt_ids[index // n] for index in range(len(rows))]
             reply.echo = [tokenizer.decode(ids) for ids in reply.echo_ids]
-        answer = _Answer(rows, events, prompt_tokens, loop.time() + timeout_s + BACKSTOP_GRACE_S)
+        answer = _Answer(rows, events, prompt_total, loop.time() + timeout_s + BACKSTOP_GRACE_S)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(reply, answer, include_usage), media_type="text/event-stream")
