@@ -191,9 +191,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         plan = await asyncio.to_thread(applications.plan, body, served.template, tokenizer, context,
                                        getattr(body, field_name))  # fmt: skip
         if plan.answer is not None:  # grounded, and nothing relevant: no model needed
-            response = applications.direct_response(plan, served.name, served.template)
-            return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if body.stream \
-                else response
+            return _whole(applications.direct_response(plan, served.name, served.template), body.stream)
         max_tokens = checked_max_tokens(getattr(body, field_name), len(plan.prompt_ids), "messages", field_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -206,8 +204,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                                   server_stops=(CALL_END,))
         if not isinstance(response, dict):  # the client went away
             return response
-        response = applications.finish(response, plan, served.template)
-        return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if body.stream else response
+        return _whole(applications.finish(response, plan, served.template), body.stream)
 
     def note_request(request: Request, body: SamplingFields) -> None:
         """The request's own facts for its record (llm.serving.request_log): streamed? whose?"""
@@ -586,6 +583,11 @@ def kernel_backends(served: ServedModel) -> dict | str:
     from llmkernels import available_backends  # imported only when the fused ops are in use
 
     return {name: {"usable": usable, "reason": reason or None} for name, (usable, reason) in available_backends().items()}
+
+
+def _whole(response: dict, stream: bool | None):
+    """A chat response made whole before it is sent: as it is, or as a stream's chunks if asked."""
+    return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if stream else response
 
 
 def _sse(data: dict) -> str:
