@@ -307,7 +307,8 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         prompt_total = sum(map(len, prompt_ids))
         limits.reserve_tokens(record, prompt_total, len(rows) * max_tokens)  # 429: tokens/min spent
         record.prompt_tokens = prompt_total
-        record.prompt = body.model_dump(include={"prompt", "messages"})  # logged with --log-content only
+        if log_content:  # the users' text is kept for the request log only when asked
+            record.prompt = body.model_dump(include={"prompt", "messages"})
         try:
             engine.submit(*rows)
         except EngineBusy:
