@@ -58,7 +58,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llm.chat_template import Message
 from llm.generate import check_sampling
 from llm.tool_calls import CALL_END
 from llm.serving.access import AccessMiddleware, request_record
