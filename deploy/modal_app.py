@@ -26,7 +26,7 @@ Options (environment variables at deploy time):
     LLM_MODAL_SECRET         secret holding LLM_SERVE_API_KEYS (default llm-serve-api-key)
     LLM_MODAL_SCALEDOWN_S    idle seconds before scaling to zero (default 300)
     LLM_MODAL_CONCURRENCY    requests one container takes at once (default 32)
-    LLM_MODAL_USE_FUSED      1 (default): attention/LayerNorm/GELU through llmkernels
+    LLM_MODAL_USE_FUSED      1 (default): attention/LayerNorm/GELU through llmkernels; 0: PyTorch ops
 """
 
 from __future__ import annotations
@@ -45,17 +45,27 @@ TORCH_SPEC, TORCH_INDEX = "torch==2.14.1", "https://download.pytorch.org/whl/cu1
 CUDA_IMAGE = "nvidia/cuda:13.0.0-devel-ubuntu24.04"  # nvcc for the extension build
 
 
-def option(name: str, default: str) -> str:
-    return os.environ.get(f"LLM_MODAL_{name}", default)
+def option(name: str, default: str, choices=None) -> str:
+    """LLM_MODAL_<name>, or `default`; with `choices`, a value outside them is a ValueError naming it."""
+    value = os.environ.get(f"LLM_MODAL_{name}", default)
+    if choices is not None and value not in choices:
+        raise ValueError(f"LLM_MODAL_{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
-GPU = option("GPU", "H100")
-if GPU not in GPU_ARCHES:
-    raise ValueError(f"LLM_MODAL_GPU must be one of {', '.join(GPU_ARCHES)}, got {GPU!r}")
+def whole_number_option(name: str, default: int) -> int:
+    """LLM_MODAL_<name> as an integer >= 1, or `default`."""
+    value = option(name, str(default))
+    if not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"LLM_MODAL_{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+GPU = option("GPU", "H100", choices=GPU_ARCHES)
 CHECKPOINT = option("CHECKPOINT", "ckpt.pt")
-SCALEDOWN_S = int(option("SCALEDOWN_S", "300"))
-CONCURRENCY = int(option("CONCURRENCY", "32"))
-USE_FUSED = option("USE_FUSED", "1") == "1"
+SCALEDOWN_S = whole_number_option("SCALEDOWN_S", 300)
+CONCURRENCY = whole_number_option("CONCURRENCY", 32)
+USE_FUSED = option("USE_FUSED", "1", choices=("0", "1")) == "1"
 
 image = (
     modal.Image.from_registry(CUDA_IMAGE, add_python="3.11")

@@ -136,6 +136,17 @@ def test_stop_sequences_end_the_text_before_them(instruct_server):
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_checked_chat_takes_four_stop_sequences_of_its_own(instruct_server):
+    """With tools (or guardrails, grounding) the server also stops at a tool call's end; that
+    stop is the server's, not one of the client's four (OpenAI's most)."""
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers."}}]
+    for stream in (False, True):
+        response = instruct_server.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "tools": tools, "stop": ["w", "x", "y", "z"],
+            "max_tokens": 3, "stream": stream})
+        assert response.status_code == 200, response.text
+
+
 def test_streaming_sends_one_event_per_token_as_they_are_generated(instruct_ckpt):
     served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.02)
     request = {"prompt": "the", "max_tokens": 30, "temperature": 0}
@@ -361,7 +372,9 @@ def test_command_line_refuses_bad_input_in_one_line(tmp_path, tokenizer, capsys)
                         (["--ckpt", str(classify), "--port", "70000"], "--port"),
                         (["--ckpt", str(classify), "--timeout", "0"], "--timeout"),
                         (["--ckpt", str(classify), "--device", "tpu"], "--device"),
-                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout")]:
+                        (["--checkpoint", str(classify), "--drain-timeout", "-1"], "--drain-timeout"),
+                        (["--ckpt", str(classify), "--api-key-file", str(tmp_path / "keys.txt")], "--api-key-file"),
+                        (["--ckpt", str(classify), "--rag-index", str(tmp_path / "index")], "--rag-index")]:
         with pytest.raises(SystemExit) as exit_info:
             serve_main(argv)
         err = capsys.readouterr().err.strip()

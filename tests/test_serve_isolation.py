@@ -7,6 +7,8 @@ are checked before work. Regression tests for the serving review's defects 1, 2,
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
 import statistics
 import threading
@@ -24,6 +26,7 @@ from llm.generate import generate
 from llm.model import GPT
 from llm.serving.engine import BatchingEngine, EngineUnavailable, GenerationRequest, Sampling
 from llm.serving.loading import load_served_model
+from llm.serving.request_log import REQUEST_LOG
 from llm.serving.server import DrainingServer
 from llm.text_stream import TextStream
 from finetune_helpers import one_thread  # noqa: F401  (autouse: tiny models on a shared CPU)
@@ -219,11 +222,10 @@ def test_the_http_side_gives_up_on_its_own_when_the_engine_never_answers(instruc
         assert time.monotonic() - started < 5
 
 
-def test_null_max_tokens_on_completions_is_16(instruct_ckpt):
+def test_null_max_tokens_on_completions_is_16(instruct_ckpt, caplog):
     """Review defect 5: max_tokens null meant the whole remaining context."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOG.name)
     with running(load_served_model(instruct_ckpt, device="cpu")) as client:
-        records = []
-        client.server_app.state.request_listeners.append(records.append)  # the hook metrics and logs use
         nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None, "seed": None,
                  "stream": None, "stream_options": None, "presence_penalty": None, "frequency_penalty": None,
                  "logit_bias": None, "user": None, "echo": None, "logprobs": None, "model": None}
@@ -232,8 +234,34 @@ def test_null_max_tokens_on_completions_is_16(instruct_ckpt):
         assert body["usage"]["completion_tokens"] <= 16
         body = client.post("/v1/completions", json={"prompt": "the", **nulls}).json()
         assert body["usage"]["completion_tokens"] <= 16 and len(body["choices"]) == 1
-    assert len(records) == 2 and records[-1].endpoint == "completions" and records[-1].status == 200
-    assert records[-1].completion_tokens == body["usage"]["completion_tokens"] and records[-1].user_hash is None
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == REQUEST_LOG.name]  # what metrics get
+    assert [(record["route"], record["status"]) for record in records] == [("/v1/completions", 200)] * 2
+    assert records[-1]["completion_tokens"] == body["usage"]["completion_tokens"] and records[-1]["user_hash"] is None
+
+
+def test_more_choices_than_places_are_refused_before_any_prompt_is_tokenized(instruct_ckpt, monkeypatch):
+    served = load_served_model(instruct_ckpt, device="cpu")
+    encoded = []
+
+    def counted(encode):
+        def encode_and_count(*args, **kwargs):
+            encoded.append(args)
+            return encode(*args, **kwargs)
+        return encode_and_count
+
+    for name in ("encode", "encode_ordinary"):
+        monkeypatch.setattr(served.tokenizer, name, counted(getattr(served.tokenizer, name)))
+    with running(served, max_concurrency=1, queue_size=1) as client:  # two places
+        refused = [client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 2}),
+                   client.post("/v1/completions", json={"prompt": "a", "n": 3, "max_tokens": 2}),
+                   client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}], "n": 3,
+                                                             "max_tokens": 2})]
+        assert encoded == []
+        assert client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2}).status_code == 200
+    for response in refused:
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+        assert "3 choices (prompts x n) can never fit this server's 2 places" in response.json()["error"]["message"]
+    assert encoded  # the one that fits was tokenized here
 
 
 def test_big_prompts_are_refused_before_work_and_do_not_delay_small_requests(instruct_ckpt):

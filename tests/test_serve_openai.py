@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 
 import pytest
 import torch
@@ -47,10 +48,14 @@ def test_sync_client_completions_and_chat_streamed_and_not(client, chat_ckpt, ca
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and usage.completion_tokens <= 6
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the fox"}]
+    user_hash = hashlib.sha256(b"someone@example.com").hexdigest()[:16]
     with caplog.at_level(logging.INFO, logger="llm.serve"):
         chat = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=5, temperature=0,
                                               user="someone@example.com", seed=3)
-    assert hashlib.sha256(b"someone@example.com").hexdigest()[:16] in caplog.text  # logged as a hash, never as sent
+        deadline = time.monotonic() + 5  # the request's log line is written once its response has ended
+        while user_hash not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert user_hash in caplog.text  # logged as a hash, never as sent
     assert "someone@example.com" not in caplog.text
     assert isinstance(chat, openai.types.chat.ChatCompletion) and chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens <= 5

@@ -5,6 +5,7 @@ each refusal, and a bounded soak test. The real server on a loopback port (test_
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -229,6 +230,7 @@ def test_one_json_line_per_request_with_its_id_and_content_only_when_asked(instr
         assert line["prompt_tokens"] == answer.json()["usage"]["prompt_tokens"]
         assert line["completion_tokens"] == 4 and line["finish_reason"] == answer.json()["choices"][0]["finish_reason"]
         assert line["latency_s"] >= line["time_to_first_token_s"] > 0 and line["client_address"] == "127.0.0.1"
+        assert line["stream"] is False and line["choices"] == 1 and line["user_hash"] is None
         if log_content:
             assert line["prompt"] == {"prompt": COMPLETION["prompt"]}
             assert line["completion"] == answer.json()["choices"][0]["text"]
@@ -238,10 +240,15 @@ def test_one_json_line_per_request_with_its_id_and_content_only_when_asked(instr
     caplog.clear()
     with running(served, log_content=True) as client:  # two choices: two rows, counted together
         answer = client.post("/v1/completions", json={**COMPLETION, "n": 2, "temperature": 1, "seed": 3}).json()
-    line = request_lines(caplog)[0]
+        with client.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True, "user": "alice"}) as stream:
+            assert list(sse_events(stream))[-1] == "[DONE]"
+    line, streamed = request_lines(caplog)
     assert line["completion_tokens"] == answer["usage"]["completion_tokens"] == 8
-    assert line["finish_reason"] == ["length", "length"]
+    assert line["finish_reason"] == ["length", "length"] and line["choices"] == 2
     assert line["completion"] == [choice["text"] for choice in answer["choices"]]
+    assert streamed["stream"] is True and streamed["completion_tokens"] == 4 and streamed["finish_reason"] == "length"
+    assert streamed["user_hash"] == hashlib.sha256(b"alice").hexdigest()[:16]  # the user only as its hash
+    assert "alice" not in "\n".join(r.getMessage() for r in caplog.records)
 
 
 def test_command_binds_loopback_without_keys_and_logs_its_start(lm_ckpt, monkeypatch, capsys):

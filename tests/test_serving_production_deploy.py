@@ -47,6 +47,10 @@ def test_modal_app_defines_a_gpu_class_with_a_volume_a_secret_and_its_options(mo
     assert (deploy.GPU, deploy.GPU_ARCHES[deploy.GPU], deploy.SCALEDOWN_S, deploy.CONCURRENCY) == ("L4", "8.9", 60, 4)
     with pytest.raises(ValueError, match="LLM_MODAL_GPU must be one of"):
         import_modal_app(monkeypatch, GPU="TPU")
+    for name, value in (("SCALEDOWN_S", "5m"), ("CONCURRENCY", "0"), ("USE_FUSED", "yes")):  # "yes" once meant off
+        with pytest.raises(ValueError, match=f"LLM_MODAL_{name} must be"):
+            import_modal_app(monkeypatch, GPU="H100", **{name: value})
+        monkeypatch.delenv(f"LLM_MODAL_{name}")
     with pytest.raises(modal.exception.InvalidError, match="scaledown_window"):  # modal checks it at import
         import_modal_app(monkeypatch, GPU="H100", SCALEDOWN_S="1")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from llm.cli import command, device_name, existing_file, float_in, int_in, new_parser
+from llm.cli import command, device_name, existing_file, existing_path, float_in, int_in, new_parser
 from llm.runtime import DEVICE_CHOICES
 from llm.serving.auth import KEYS_ENV, load_api_keys
 from llm.serving.engine import DEFAULT_DRAIN_TIMEOUT_S, DEFAULT_MAX_CONCURRENCY, DEFAULT_QUEUE, DEFAULT_TIMEOUT_S
@@ -51,7 +51,8 @@ def build_parser():
     parser.add_argument("--api-key", action="append", metavar="KEY",
                         help=f"a key clients must send as 'Authorization: Bearer KEY' (repeatable; also "
                              f"{KEYS_ENV}=k1,k2 and --api-key-file)")
-    parser.add_argument("--api-key-file", metavar="FILE", help="accepted keys, one a line (# comments allowed)")
+    parser.add_argument("--api-key-file", type=existing_file, metavar="FILE",
+                        help="accepted keys, one a line (# comments allowed)")
     parser.add_argument("--requests-per-minute", type=int_in(1, 10**9), metavar="N",
                         help="per client (API key, else address): requests a minute, as a token bucket (default: no limit)")
     parser.add_argument("--tokens-per-minute", type=int_in(1, 10**12), metavar="N",
@@ -61,7 +62,7 @@ def build_parser():
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's and the JSON request log's (info: one line per request; warning: none)")
     applications = parser.add_argument_group("applications (chat; see llm.serving.applications)")
-    applications.add_argument("--rag-index", default=None,
+    applications.add_argument("--rag-index", type=existing_path, default=None,
                               help="answer chat from this llm-rag index; the sources come back in 'sources'")  # fmt: skip
     applications.add_argument("--policy", type=existing_file, default=None, help="a guardrail policy file (JSON)")
     applications.add_argument("--app-log", default=None, help="append one JSON line per chat answer to this file")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as error:
         raise ValueError(f"{error.name} is not installed; llm-serve needs pip install 'llmkernels[serve]'") from None
 
-    # The server's own lines (a request's user, as a hash; engine failures) at --log-level, beside uvicorn's.
+    # The server's own lines (engine failures, draining) at --log-level, beside uvicorn's.
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     keys = load_api_keys(args.api_key or [], args.api_key_file)
     host = args.host or ("0.0.0.0" if keys else "127.0.0.1")

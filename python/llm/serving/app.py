@@ -21,7 +21,8 @@ choices is its own batch row.
 
 Limits, checked before any work: a body over max_body_bytes is a 413 (read no further); a
 prompt longer in bytes than the context could ever hold (context x the longest token's
-bytes) is a 400 before it is tokenized; tokenizing runs off the event loop. At most
+bytes), or more choices (prompts x n) than the server has places (--max-concurrency +
+--queue), is a 400 before anything is tokenized; tokenizing runs off the event loop. At most
 --max-concurrency rows decode at once (batched, one forward per step) and --queue more
 wait; a request that does not fit gets 429 with Retry-After, and a server that cannot
 serve (shutting down, generation thread stopped) answers 503. A request that runs past
@@ -32,24 +33,24 @@ an error event). Streaming is server-sent events, one per generated token (its t
 be "" while a UTF-8 character or a possible stop sequence is incomplete), then
 `data: [DONE]`. A client that disconnects cancels its generation.
 
+Every request's facts (route, status, tokens, timings, finish reasons, stream, choices,
+the user's hash) gather in the access middleware's RequestRecord (llm.serving.request_log),
+which the endpoints fill in; when the response ends it goes to the rate limits, the metrics
+and the request log.
+
 Extending the app: create_app returns a plain FastAPI app. Add middleware with
-app.add_middleware (it wraps the body-size limit), routes with app.include_router, and to
-see every generation request once it is answered, append a callable to
-app.state.request_listeners: it gets a RequestRecord.
+app.add_middleware (it wraps the body-size limit), routes with app.include_router.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
-import logging
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -57,7 +58,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from llm.chat_template import Message
 from llm.generate import check_sampling
 from llm.tool_calls import CALL_END
 from llm.serving.access import AccessMiddleware, request_record
@@ -69,29 +69,14 @@ from llm.serving.loading import ServedModel
 from llm.serving.metrics import ServerMetrics
 from llm.serving.pages import add_pages
 from llm.serving.rate_limits import ClientLimits
+from llm.serving.request_log import user_hash
 from llm.serving.schemas import (MAX_STOP_SEQUENCES, ApiError, ChatCompletionRequest, CompletionRequest,
                                  SamplingFields, validation_error)
 
-log = logging.getLogger("llm.serve")
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 BACKSTOP_GRACE_S = 10.0  # past --timeout, the HTTP side stops waiting for the engine on its own
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-@dataclass
-class RequestRecord:
-    """One answered generation request, for app.state.request_listeners (metrics, logs)."""
-
-    endpoint: str  # "completions" or "chat"
-    status: int  # the HTTP status (a stream that failed midway: its error's status)
-    stream: bool
-    user_hash: str | None  # sha256 of the "user" field, first 16 hex digits; the field itself is never kept
-    choices: int
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reasons: list[str | None] = field(default_factory=list)
-    latency_s: float = 0.0
 
 
 def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURRENCY, queue_size: int = DEFAULT_QUEUE,
@@ -127,7 +112,6 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
     app = FastAPI(title="llm-serve", description=__doc__, lifespan=lifespan)
     app.state.engine, app.state.served = engine, served
     app.state.drain_timeout_s = drain_timeout_s  # llm.serving.server reads it on SIGTERM
-    app.state.request_listeners: list[Callable[[RequestRecord], None]] = []
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -181,9 +165,11 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        note_request(request, body)
         check_model(body.model)
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
             else [body.prompt]
+        check_choices(len(prompts) * (body.n or 1))
         prompt_ids = [await prompt_tokens(prompt) for prompt in prompts]
         max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         for ids in prompt_ids:
@@ -193,18 +179,18 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        note_request(request, body)
         check_model(body.model)
         if served.template is None:
             raise ApiError(400, f"model {served.name!r} is not instruction-tuned (task {served.task!r}); "
                                 "use /v1/completions", param="model", code="not_a_chat_model")
         check_prompt_bytes(sum(len(m.text().encode()) for m in body.messages), "messages")
+        check_choices(body.n or 1)
         field_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         plan = await asyncio.to_thread(applications.plan, body, served.template, tokenizer, context,
                                        getattr(body, field_name))  # fmt: skip
         if plan.answer is not None:  # grounded, and nothing relevant: no model needed
-            response = applications.direct_response(plan, served.name, served.template)
-            return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if body.stream \
-                else response
+            return _whole(applications.direct_response(plan, served.name, served.template), body.stream)
         max_tokens = checked_max_tokens(getattr(body, field_name), len(plan.prompt_ids), "messages", field_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -212,18 +198,29 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if not applications.active(body):
             return await generate("chat", body, [plan.prompt_ids], max_tokens, sampling, request)
         # Checked before it is sent: generated whole, then filtered (and streamed as chunks if asked).
-        whole = body.model_copy(update={"stream": False, "stop": checked_stop(body.stop) + [CALL_END]})
-        response = await generate("chat", whole, [plan.prompt_ids], max_tokens, sampling, request)
+        whole = body.model_copy(update={"stream": False})
+        response = await generate("chat", whole, [plan.prompt_ids], max_tokens, sampling, request,
+                                  server_stops=(CALL_END,))
         if not isinstance(response, dict):  # the client went away
             return response
-        response = applications.finish(response, plan, served.template)
-        return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if body.stream else response
+        return _whole(applications.finish(response, plan, served.template), body.stream)
+
+    def note_request(request: Request, body: SamplingFields) -> None:
+        """The request's own facts for its record (llm.serving.request_log): streamed? whose?"""
+        record = request_record(request)
+        record.stream, record.user_hash = bool(body.stream), user_hash(body.user)
 
     # ------------------------------------------------------------------ checks (before any work)
     def check_model(model: str | None) -> None:
         if model is not None and model != served.name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {served.name!r}",
                            param="model", code="model_not_found")
+
+    def check_choices(rows: int) -> None:
+        """Every choice (prompts x n) is a row of its own: more than the server's places never fit."""
+        if rows > max_concurrency + queue_size:
+            raise ApiError(400, f"{rows} choices (prompts x n) can never fit this server's "
+                                f"{max_concurrency + queue_size} places (--max-concurrency + --queue)", param="n")
 
     def check_prompt_bytes(size: int, param: str) -> None:
         if size > prompt_byte_bound:
@@ -285,14 +282,16 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
     # ------------------------------------------------------------------ generation
     async def generate(endpoint: str, body: SamplingFields, prompt_ids: list[list[int]], max_tokens: int,
-                       sampling: Sampling, request: Request, echo: bool = False):
+                       sampling: Sampling, request: Request, echo: bool = False,
+                       server_stops: tuple[str, ...] = ()):
         """Submit every choice (n per prompt, choice index = prompt * n + j) as its own row,
-        then answer with one JSON body or a stream."""
+        then answer with one JSON body or a stream. server_stops: stop sequences of the
+        server's own, beside the client's (which alone count toward MAX_STOP_SEQUENCES)."""
         n = body.n or 1
-        stops = checked_stop(body.stop)
+        stops = checked_stop(body.stop) + list(server_stops)
         base_seed = body.seed if body.seed is not None else secrets.randbits(62)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        access_record = request_record(request)  # the access middleware's: tokens, first token, the log line
+        record = request_record(request)  # the access middleware's: tokens, first token, the log line
         rows = []
         for p, ids in enumerate(prompt_ids):
             for j in range(n):
@@ -301,18 +300,14 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                     prompt_ids=ids, max_tokens=max_tokens,
                     sampling=Sampling(**{**vars(sampling), "seed": (base_seed + index) % 2**63}),
                     stop=stops, timeout_s=timeout_s,
-                    deliver=access_record.watching(index, functools.partial(
+                    deliver=record.watching(index, functools.partial(
                         lambda i, event: loop.call_soon_threadsafe(events.put_nowait, (i, event)), index))))
-        if len(rows) > max_concurrency + queue_size:
-            raise ApiError(400, f"{len(rows)} choices (prompts x n) can never fit this server's "
-                                f"{max_concurrency + queue_size} places (--max-concurrency + --queue)", param="n")
-        record = RequestRecord(endpoint, 200, bool(body.stream), user_hash(body.user), len(rows),
-                               sum(map(len, prompt_ids)), 0)
-        if record.user_hash:
-            log.info("%s request from user %s (%d choice(s))", endpoint, record.user_hash, len(rows))
-        limits.reserve_tokens(access_record, record.prompt_tokens, len(rows) * max_tokens)  # 429: tokens/min spent
-        access_record.prompt_tokens = record.prompt_tokens
-        access_record.prompt = body.model_dump(include={"prompt", "messages"})  # logged with --log-content only
+        record.choices = len(rows)
+        prompt_total = sum(map(len, prompt_ids))
+        limits.reserve_tokens(record, prompt_total, len(rows) * max_tokens)  # 429: tokens/min spent
+        record.prompt_tokens = prompt_total
+        if log_content:  # the users' text is kept for the request log only when asked
+            record.prompt = body.model_dump(include={"prompt", "messages"})
         try:
             engine.submit(*rows)
         except EngineBusy:
@@ -327,7 +322,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
         if echo:
             reply.echo_ids = [prompt_ids[index // n] for index in range(len(rows))]
             reply.echo = [tokenizer.decode(ids) for ids in reply.echo_ids]
-        answer = _Answer(rows, events, record, loop.time() + timeout_s + BACKSTOP_GRACE_S, notify)
+        answer = _Answer(rows, events, prompt_total, loop.time() + timeout_s + BACKSTOP_GRACE_S)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(reply, answer, include_usage), media_type="text/event-stream")
@@ -350,7 +345,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                 if loop.time() - last_check >= DISCONNECT_POLL_S:
                     last_check = loop.time()
                     if await request.is_disconnected():
-                        return answer.done(JSONResponse({}, status_code=499), 499)  # nobody reads it
+                        return JSONResponse({}, status_code=499)  # nobody reads it
                 if item is None:
                     if loop.time() >= answer.backstop:
                         raise ApiError(504, "the generation did not answer within the server's timeout "
@@ -364,15 +359,11 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                 if event["type"] == "done" and event["finish_reason"] == "timeout":
                     raise ApiError(504, f"the request did not finish within the server's timeout of {timeout_s:g} s "
                                         "(--timeout)", type="timeout_error", code="timeout")
-            return answer.done(reply.full(answer), 200)
-        except ApiError as error:
-            answer.done(None, error.status)
-            raise
+            return reply.full(answer)
         finally:
             answer.cancel()
 
     async def stream(reply: _Reply, answer: _Answer, include_usage: bool):
-        status = 200
         try:
             for index in range(len(answer.rows)):
                 first = reply.first_chunk(index)
@@ -381,7 +372,6 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
             while not answer.finished:
                 item = await next_event(answer)  # a client that goes away cancels this (and so the generation)
                 if item is None:
-                    status = 504
                     yield _sse(ApiError(504, "the generation did not answer within the server's timeout",
                                         type="timeout_error", code="timeout").body())
                     break
@@ -392,8 +382,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                 elif event["type"] == "text":
                     yield _sse(reply.chunk(index, event["text"], token=event))
                 elif event["type"] == "error":
-                    status = event["status"]
-                    yield _sse(ApiError(status, event["message"], type="server_error").body())
+                    yield _sse(ApiError(event["status"], event["message"], type="server_error").body())
                     break
                 else:
                     if event["text"]:
@@ -404,15 +393,7 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
                     yield _sse({**reply.head(), "choices": [], "usage": answer.usage()})
             yield "data: [DONE]\n\n"
         finally:
-            answer.done(None, status)
             answer.cancel()
-
-    def notify(record: RequestRecord) -> None:
-        for listener in app.state.request_listeners:
-            try:
-                listener(record)
-            except Exception:  # a listener's bug never fails the request
-                log.exception("request listener failed")
 
     add_pages(app)
     app.add_middleware(AccessMiddleware, keys=ApiKeys(api_keys), limits=limits, metrics=metrics,
@@ -421,18 +402,14 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
 
 
 class _Answer:
-    """The choices of one request as their events arrive; `done` hands its RequestRecord to
-    `notify` once."""
+    """The choices of one request as their events arrive (on the event loop)."""
 
-    def __init__(self, rows: list[GenerationRequest], events: asyncio.Queue, record: RequestRecord, backstop: float,
-                 notify: Callable[[RequestRecord], None]):
-        self.rows, self.events, self.record, self.backstop, self.notify = rows, events, record, backstop, notify
+    def __init__(self, rows: list[GenerationRequest], events: asyncio.Queue, prompt_tokens: int, backstop: float):
+        self.rows, self.events, self.prompt_tokens, self.backstop = rows, events, prompt_tokens, backstop
         self.texts = [[] for _ in rows]
         self.tokens = [[] for _ in rows]  # per choice: its token events (for logprobs)
         self.prompt_logprobs: list[dict | None] = [None] * len(rows)
         self.ends: list[dict | None] = [None] * len(rows)
-        self.started = time.monotonic()
-        self.recorded = False
 
     @property
     def finished(self) -> bool:
@@ -450,19 +427,9 @@ class _Answer:
                 self.texts[index].append(event["text"])
 
     def usage(self) -> dict:
-        prompt = self.record.prompt_tokens
+        prompt = self.prompt_tokens
         completion = sum(end.get("completion_tokens", 0) for end in self.ends if end is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def done(self, response, status: int):
-        if not self.recorded:
-            self.recorded = True
-            self.record.status = status
-            self.record.completion_tokens = self.usage()["completion_tokens"]
-            self.record.finish_reasons = [end.get("finish_reason") if end else None for end in self.ends]
-            self.record.latency_s = time.monotonic() - self.started
-            self.notify(self.record)
-        return response
 
     def cancel(self) -> None:
         for row in self.rows:
@@ -601,10 +568,6 @@ def max_token_bytes(tokenizer) -> int:
     return longest
 
 
-def user_hash(user: str | None) -> str | None:
-    return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
-
-
 def checked_stop(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
@@ -620,6 +583,11 @@ def kernel_backends(served: ServedModel) -> dict | str:
     from llmkernels import available_backends  # imported only when the fused ops are in use
 
     return {name: {"usable": usable, "reason": reason or None} for name, (usable, reason) in available_backends().items()}
+
+
+def _whole(response: dict, stream: bool | None):
+    """A chat response made whole before it is sent: as it is, or as a stream's chunks if asked."""
+    return StreamingResponse(iter(as_stream(response)), media_type="text/event-stream") if stream else response
 
 
 def _sse(data: dict) -> str:

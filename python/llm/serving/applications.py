@@ -18,7 +18,8 @@
                with --app-log-content
 
 A stream with any of these active is generated whole, checked, then sent as chunks: nothing
-unchecked reaches the client.
+unchecked reaches the client. /v1/completions has none of them: its prompts and texts are
+not checked against the policy.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def load_api_keys(keys: list[str] | tuple[str, ...] = (), key_file: str | os.Pat
     found = [(key, "--api-key") for key in keys]
     found += [(key.strip(), KEYS_ENV) for key in environ.get(KEYS_ENV, "").split(",") if key.strip()]
     if key_file is not None:
-        lines = Path(key_file).read_text().splitlines()  # FileNotFoundError: one line via llm.cli
+        lines = Path(key_file).read_text().splitlines()  # llm-serve checks that it exists when parsing
         found += [(line.strip(), f"--api-key-file {key_file}") for line in lines
                   if line.strip() and not line.strip().startswith("#")]
     for key, source in found:
@@ -52,9 +52,6 @@ class ApiKeys:
 
     def __bool__(self) -> bool:
         return bool(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
     def client_of(self, authorization: str | None) -> str | None:
         """The key id for an `Authorization: Bearer KEY` header carrying an accepted key, else None."""

@@ -347,28 +347,15 @@ class BatchingEngine:
         if slot.counts is not None:
             slot.counts.scatter_add_(1, token, torch.ones_like(token, dtype=slot.counts.dtype))
         if sampling.logprobs is not None:
-            slot.token_logprobs = self._token_logprobs(logits[0], token, sampling.logprobs)
+            (logprob,), (top,) = logprobs_of(logits, token[:, 0], sampling.logprobs)
+            slot.token_logprobs = {"logprob": logprob, "top_logprobs": top}
         return token
-
-    def _token_logprobs(self, logits: torch.Tensor, token: torch.Tensor, k: int) -> dict:
-        """logits (V,) -> the chosen token's logprob and the k most likely [(id, logprob)]."""
-        logprobs = logits.log_softmax(-1)  # (V,)
-        top = logprobs.topk(k) if k else None
-        return {"logprob": logprobs[token.reshape(())].item(),
-                "top_logprobs": list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []}
 
     def _prompt_logprobs(self, request: GenerationRequest, logits: torch.Tensor) -> dict:
         """logits (T, V) of the prompt -> each prompt token's logprob given the ones before it
         (None for the first, which has no context) and the k most likely there."""
         ids = torch.tensor(request.prompt_ids[1:], device=logits.device)  # (T-1,)
-        logprobs = logits[:-1].log_softmax(-1)  # (T-1, V): position t predicts token t + 1
-        chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
-        k = request.sampling.logprobs or 0
-        if k:
-            top = logprobs.topk(k, dim=-1)
-            tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
-        else:
-            tops = [[] for _ in chosen]
+        chosen, tops = logprobs_of(logits[:-1], ids, request.sampling.logprobs or 0)  # position t predicts t + 1
         return {"logprobs": [None, *chosen], "top_logprobs": [None, *tops]}
 
     def _take(self, slot: _Slot, token: int) -> None:
@@ -440,3 +427,13 @@ class BatchingEngine:
         except Exception:  # the listener is gone (e.g. its event loop closed): stop generating for it
             request.cancel()
 
+
+def logprobs_of(logits: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """logits (N, V), ids (N,) -> each id's logprob in its row, and each row's k most likely
+    [(id, logprob)] ([] for k = 0)."""
+    logprobs = logits.log_softmax(-1)  # (N, V)
+    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+    if not k:
+        return chosen, [[] for _ in chosen]
+    top = logprobs.topk(k, dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]

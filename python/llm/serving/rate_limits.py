@@ -5,9 +5,10 @@ client has two buckets that hold at most one minute's allowance and refill conti
 (the allowance / 60 every second), so a client may burst up to its whole minute and then
 goes at the steady rate.
 
-    request arrives     take 1 from the requests bucket       (empty: 429)
-    prompt tokenized    take prompt + max_tokens from tokens  (short: 429)
-    response ends       give back max_tokens - completion tokens not generated
+    request arrives     take 1 from the requests bucket                  (empty: 429)
+    prompt tokenized    take prompt + max_tokens x choices from tokens   (short: 429)
+    response ends       give back what it did not generate (all of it when it was
+                        refused before generating anything)
 
 As OpenAI does, a request is charged its max_tokens up front (what it may generate) and
 the unused part is returned when it ends. A 429 carries Retry-After (whole seconds until

@@ -2,18 +2,21 @@
 
     {"event": "request", "request_id": "4f1c...", "method": "POST", "route": "/v1/completions",
      "status": 200, "latency_s": 0.412, "time_to_first_token_s": 0.031, "prompt_tokens": 5,
-     "completion_tokens": 16, "finish_reason": "length", "key_id": "9b2e61c0aa4d",
-     "client_address": "127.0.0.1", "refusal": null}
+     "completion_tokens": 16, "finish_reason": "length", "stream": false, "choices": 1,
+     "user_hash": "2bd806c97f0e00af", "key_id": "9b2e61c0aa4d", "client_address": "127.0.0.1",
+     "refusal": null}
 
 The request id is also the response's x-request-id header, so a client can quote it. The
-client's key appears only as its key id (llm.serving.auth.key_id). The prompt and the
-completion are logged only when the server runs with --log-content ("prompt" and
-"completion" fields): they are the users' data. A request for several choices (n > 1)
-logs their finish reasons (and completions) as lists.
+client's key appears only as its key id (llm.serving.auth.key_id), the request's "user"
+field only as its hash (user_hash). The prompt and the completion are logged only when the
+server runs with --log-content ("prompt" and "completion" fields): they are the users'
+data. A request for several choices (n > 1) logs their finish reasons (and completions)
+as lists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -28,7 +31,9 @@ REQUEST_LOG = logging.getLogger("llm.serve.requests")
 @dataclass
 class RequestRecord:
     """One request's facts, filled in as it goes: by the access middleware (id, client,
-    status), the endpoint (tokens, prompt) and the engine thread's events (watching)."""
+    status), the endpoint (stream, choices, user, tokens, prompt) and the engine thread's
+    events (watching). When the response ends, the middleware hands it to the rate limits
+    (unused tokens back), the metrics and the request log: the one record of a request."""
 
     method: str
     path: str
@@ -39,6 +44,9 @@ class RequestRecord:
     key_id: str | None = None
     status: int | None = None
     refusal: str | None = None  # why the request was refused (metrics' cause), when it was
+    stream: bool | None = None  # a generation request's: was it streamed
+    choices: int = 0  # a generation request's rows: prompts x n
+    user_hash: str | None = None  # of the request's "user" field (user_hash); the field itself is never kept
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reserved_tokens: int = 0  # charged to the client's tokens-per-minute bucket (llm.serving.rate_limits)
@@ -85,11 +93,16 @@ class RequestRecord:
                 "time_to_first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "finish_reason": one_or_list([self.finish_reasons[i] for i in sorted(self.finish_reasons)]),
-                "key_id": self.key_id, "client_address": self.client_address, "refusal": self.refusal}
+                "stream": self.stream, "choices": self.choices, "user_hash": self.user_hash, "key_id": self.key_id, "client_address": self.client_address, "refusal": self.refusal}
         if log_content:
             line["prompt"] = self.prompt
             line["completion"] = one_or_list(["".join(self.completions[i]) for i in sorted(self.completions)])
         return line
+
+
+def user_hash(user: str | None) -> str | None:
+    """An OpenAI "user" field as the first 16 hex digits of its sha256 (None for none)."""
+    return hashlib.sha256(user.encode()).hexdigest()[:16] if user else None
 
 
 def one_or_list(values: list):

@@ -28,16 +28,18 @@ UNSUPPORTED_FIELDS = {
 }
 
 
-class StreamOptions(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown fields and wrong types are 400s, as for every body here."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+class StreamOptions(StrictModel):
     include_usage: bool | None = None  # a last chunk with the usage of the whole request
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StrictModel):
     """The fields both endpoints share."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None  # if given, must be the served model's id
     max_tokens: int | None = None
@@ -63,17 +65,9 @@ class CompletionRequest(SamplingFields):
     # max_tokens None: OpenAI's default for completions, 16
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
-
-
-class StrictModel(BaseModel):
-    """Unknown fields and wrong types are 400s, as for every body here."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FunctionCall(StrictModel):
@@ -99,9 +93,7 @@ class ToolSpec(StrictModel):
     function: FunctionSpec
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]  # developer: OpenAI's new name for system
     content: str | list[TextPart] | None = None
     name: str | None = None  # accepted, not part of the prompt
