@@ -30,7 +30,7 @@ from llm.cli import int_in
 from llm.files import write_text
 from llm.plots import save_png
 
-from .measure import REPO_ROOT, device_slug, environment, make_timer
+from .measure import REPO_ROOT, device_slug, environment, make_timer, resolve_device_and_model
 from .report import fmt, markdown_table
 
 VARIANTS = ("stock", "llmkernels", "compile")
@@ -55,11 +55,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="fewer timed samples and a shorter generation")
     parser.add_argument("--out", type=Path, help="output folder")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
-    args.device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if args.model == "auto":
-        args.model = "gpt2" if args.device == "cuda" else "tiny"
+    resolve_device_and_model(parser, args)
     config, batch, seq = MODELS[args.model]
     args.batch, args.seq = args.batch or batch, args.seq or seq
     if args.seq > config["n_positions"] or args.prompt_tokens + (args.new_tokens or 64) > config["n_positions"]:

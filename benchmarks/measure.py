@@ -144,6 +144,17 @@ def make_timer(device: str, quick: bool):
     return CpuTimer(warmup=1, reps=3) if quick else CpuTimer(warmup=2, reps=10)
 
 
+def resolve_device_and_model(parser, args) -> None:
+    """--device and --model of a benchmark with its own options (hf, serve) made concrete:
+    auto -> cuda when torch sees a device, else cpu (--device cuda without one is a usage
+    error); --model auto -> gpt2 (124M) on a GPU, tiny on CPU."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    args.device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if args.model == "auto":
+        args.model = "gpt2" if args.device == "cuda" else "tiny"
+
+
 def warm_up_clocks(device: str, seconds: float = 1.0) -> None:
     """Matmuls for about `seconds`, so the first ceilings are not measured at idle clocks."""
     if device != "cuda":
