@@ -45,6 +45,8 @@ NOTES = [
     "Anchor memory-bound figures count 2*M*N (fwd) / 5*M*N (fwd+bwd) elements; the comparison converts our "
     "times with their count. The anchors' fwd+bwd calls .backward() and so also pays for .grad accumulation.",
 ]
+# Where the e2e rows of each (model, mode) fall in the run order (see plan).
+E2E_PRIORITY = {("llm", "eager"): 0.5, ("transformers", "eager"): 0.68, ("llm", "compile"): 0.7}
 # Wall seconds a measurement or a torch.compile takes before any has been seen in this run.
 DEFAULT_MEASUREMENT_S = {"cuda": 0.3, "cpu": 0.05}
 DEFAULT_COMPILE_S = 10.0
@@ -129,14 +131,15 @@ def output_dir(args, device: str, env: dict, started: datetime.datetime) -> Path
 
 def plan(suites: list[str], device: str, quick: bool, use_compile: bool,
          dtypes: list[str] | None = None, headline: bool = False) -> list[tuple[float, str, object]]:
-    """(priority, kind, item) in the order they run: each op's first dtype, then the e2e eager
-    steps, the linear_cross_entropy suite (time and peak memory), the compiled e2e steps, then
-    the other dtypes. A headline run times the e2e eager steps right after attention, before
-    the memory-bound ops and their torch.compile baselines."""
+    """(priority, kind, item) in the order they run: each op's first dtype, then llm's e2e eager
+    steps, the linear_cross_entropy suite (time and peak memory), the Hugging Face GPT-2 e2e
+    steps, llm's compiled e2e steps, then the other dtypes. A headline run times llm's e2e
+    eager steps right after attention, before the memory-bound ops and their torch.compile
+    baselines."""
     items = []
     for suite in suites:
         if suite == "e2e":
-            items += [(0.5 if item["mode"] == "eager" else 0.7, "e2e", item)
+            items += [(E2E_PRIORITY[item["model"], item["mode"]], "e2e", item)
                       for item in e2e.plan(device, quick or headline, use_compile)]
             continue
         if suite == "linear_cross_entropy":  # one item: linear_cross_entropy.run_suite, every shape
@@ -162,7 +165,7 @@ class Estimator:
 
     @staticmethod
     def key(kind: str, item) -> str:
-        return f"e2e {item['mode']}" if kind == "e2e" else item.op
+        return f"e2e {item['model']} {item['mode']}" if kind == "e2e" else item.op
 
     def add(self, kind: str, item, seconds: float) -> None:
         self.seen.setdefault(self.key(kind, item), []).append(seconds)

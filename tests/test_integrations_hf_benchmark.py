@@ -4,16 +4,9 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 from benchmarks import cli  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def restore_gpt2_class(monkeypatch):
-    """The llmkernels variant runs apply_llmkernels_to_gpt2, which also patches GPT-2 models built
-    later; undone after each test so other tests in this process build stock models."""
-    monkeypatch.setattr(transformers.GPT2PreTrainedModel, "post_init", transformers.GPT2PreTrainedModel.post_init)
 
 
 def test_hf_benchmark_times_each_variant_and_writes_its_outputs(tmp_path, monkeypatch):
