@@ -634,8 +634,9 @@ def summary_text(session: Session) -> str:
 
 
 def stage_cap(session: Session, stage: Stage) -> float:
-    """The stage's cap, within what the budget has left after the summary's reserve; the
-    call's last stage takes everything left."""
+    """The stage's cap, within what the budget has left after the summary's reserve and the
+    interrupt grace (a capped stage still gets SIGINT's grace to write its outputs); the
+    call's last stage takes everything left unless --cap names it."""
     left = session.left_s() - SUMMARY_RESERVE_S - INTERRUPT_GRACE_S
     cap = session.caps.get(stage.name, stage.caps_s[session.device])
     return left if stage.takes_rest and stage.name not in session.caps else min(cap, left)
