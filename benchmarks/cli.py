@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch._functorch.config  # not imported by `import torch`; main() sets donated_buffer in it
 
+from llm.runtime import resolve_device
+
 from . import e2e, kernels, linear_cross_entropy, report
 from .measure import REPO_ROOT, device_slug, environment, keep_best_ceilings, make_timer, measure_ceilings, warm_up_clocks
 
@@ -219,10 +221,11 @@ def main(argv=None) -> int:
 
         return hf_main(argv[1:])
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    try:
+        device = resolve_device(args.device).type
+    except ValueError as error:  # --device cuda without a CUDA device
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     env = environment(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:

@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from llm.runtime import resolve_device
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLUSH_BYTES = 1 << 30
 
@@ -146,11 +148,12 @@ def make_timer(device: str, quick: bool):
 
 def resolve_device_and_model(parser, args) -> None:
     """--device and --model of a benchmark with its own options (hf, serve) made concrete:
-    auto -> cuda when torch sees a device, else cpu (--device cuda without one is a usage
-    error); --model auto -> gpt2 (124M) on a GPU, tiny on CPU."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
-    args.device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    --device through llm.runtime.resolve_device (auto -> cuda when torch sees a device, else
+    cpu; cuda without one is a usage error); --model auto -> gpt2 (124M) on a GPU, tiny on CPU."""
+    try:
+        args.device = resolve_device(args.device).type
+    except ValueError as error:
+        parser.error(str(error))
     if args.model == "auto":
         args.model = "gpt2" if args.device == "cuda" else "tiny"
 
