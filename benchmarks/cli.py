@@ -293,6 +293,7 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
     progress = tqdm(items, desc="cases", unit="case", file=sys.stderr, mininterval=2.0, disable=not sys.stderr.isatty())
     for _, kind, item in progress:
         if kind == "linear_cross_entropy":
+            _announce(progress, "linear_cross_entropy", t0)
             _run_linear_cross_entropy(args, run, device, use_compile, timer, t0)
             continue
         if kind == "e2e":
@@ -307,9 +308,7 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
             if not providers:
                 continue
         label = e2e.label(item) if kind == "e2e" else item.label
-        progress.set_postfix_str(label)
-        if not sys.stderr.isatty():
-            print(f"[{time.monotonic() - t0:.0f} s] {label}", file=sys.stderr, flush=True)
+        _announce(progress, label, t0)
         started = time.monotonic()
         expected = estimator.estimate_s(kind, item, providers)
         over_budget = args.time_budget is not None and started - t0 + expected > args.time_budget
@@ -333,12 +332,17 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
     progress.close()
 
 
+def _announce(progress, label: str, t0: float) -> None:
+    """The case starting: in the progress bar on a terminal, else as a log line."""
+    progress.set_postfix_str(label)
+    if not sys.stderr.isatty():
+        print(f"[{time.monotonic() - t0:.0f} s] {label}", file=sys.stderr, flush=True)
+
+
 def _run_linear_cross_entropy(args, run: dict, device: str, use_compile: bool, timer, t0: float) -> None:
     """The linear_cross_entropy suite (its own time and peak-memory table) within what is left
     of the time budget."""
     budget_left = None if args.time_budget is None else args.time_budget - (time.monotonic() - t0)
-    if not sys.stderr.isatty():
-        print(f"[{time.monotonic() - t0:.0f} s] linear_cross_entropy", file=sys.stderr, flush=True)
     run["linear_cross_entropy"] = linear_cross_entropy.run_suite(
         device, args.quick or args.headline, use_compile, timer, time_budget_s=budget_left)
     run["extra_markdown"] = [linear_cross_entropy.markdown(run["linear_cross_entropy"])]
