@@ -58,10 +58,10 @@ def parse_args(argv):
     resolve_device_and_model(parser, args)
     config, batch, seq = MODELS[args.model]
     args.batch, args.seq = args.batch or batch, args.seq or seq
-    if args.seq > config["n_positions"] or args.prompt_tokens + (args.new_tokens or 64) > config["n_positions"]:
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    if args.seq > config["n_positions"] or args.prompt_tokens + args.new_tokens > config["n_positions"]:
         parser.error(f"--seq and --prompt-tokens + --new-tokens must fit the {args.model} context of "
                      f"{config['n_positions']} positions")
-    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.variant = list(dict.fromkeys(args.variant or VARIANTS))
     return args
 

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from benchmarks import cli  # noqa: E402
+from benchmarks import cli, hf  # noqa: E402
 
 
 def test_hf_benchmark_times_each_variant_and_writes_its_outputs(tmp_path, monkeypatch):
@@ -34,3 +34,5 @@ def test_hf_benchmark_refuses_a_context_it_cannot_fit(capsys):
         cli.main(["hf", "--device", "cpu", "--seq", "1000"])
     assert exit_info.value.code == 2
     assert "must fit the tiny context of 256 positions" in capsys.readouterr().err
+    # --quick generates 16 tokens: a 230-token prompt fits the 256 positions
+    assert hf.parse_args(["--device", "cpu", "--quick", "--prompt-tokens", "230"]).new_tokens == 16
