@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch._functorch.config  # not imported by `import torch`; main() sets donated_buffer in it
 
+from llm.runtime import resolve_device
+
 from . import e2e, kernels, linear_cross_entropy, report
 from .measure import REPO_ROOT, device_slug, environment, keep_best_ceilings, make_timer, measure_ceilings, warm_up_clocks
 
@@ -45,6 +47,8 @@ NOTES = [
     "Anchor memory-bound figures count 2*M*N (fwd) / 5*M*N (fwd+bwd) elements; the comparison converts our "
     "times with their count. The anchors' fwd+bwd calls .backward() and so also pays for .grad accumulation.",
 ]
+# Where the e2e rows of each (model, mode) fall in the run order (see plan).
+E2E_PRIORITY = {("llm", "eager"): 0.5, ("transformers", "eager"): 0.68, ("llm", "compile"): 0.7}
 # Wall seconds a measurement or a torch.compile takes before any has been seen in this run.
 DEFAULT_MEASUREMENT_S = {"cuda": 0.3, "cpu": 0.05}
 DEFAULT_COMPILE_S = 10.0
@@ -129,14 +133,15 @@ def output_dir(args, device: str, env: dict, started: datetime.datetime) -> Path
 
 def plan(suites: list[str], device: str, quick: bool, use_compile: bool,
          dtypes: list[str] | None = None, headline: bool = False) -> list[tuple[float, str, object]]:
-    """(priority, kind, item) in the order they run: each op's first dtype, then the e2e eager
-    steps, the linear_cross_entropy suite (time and peak memory), the compiled e2e steps, then
-    the other dtypes. A headline run times the e2e eager steps right after attention, before
-    the memory-bound ops and their torch.compile baselines."""
+    """(priority, kind, item) in the order they run: each op's first dtype, then llm's e2e eager
+    steps, the linear_cross_entropy suite (time and peak memory), the Hugging Face GPT-2 e2e
+    steps, llm's compiled e2e steps, then the other dtypes. A headline run times llm's e2e
+    eager steps right after attention, before the memory-bound ops and their torch.compile
+    baselines."""
     items = []
     for suite in suites:
         if suite == "e2e":
-            items += [(0.5 if item["mode"] == "eager" else 0.7, "e2e", item)
+            items += [(E2E_PRIORITY[item["model"], item["mode"]], "e2e", item)
                       for item in e2e.plan(device, quick or headline, use_compile)]
             continue
         if suite == "linear_cross_entropy":  # one item: linear_cross_entropy.run_suite, every shape
@@ -162,7 +167,7 @@ class Estimator:
 
     @staticmethod
     def key(kind: str, item) -> str:
-        return f"e2e {item['mode']}" if kind == "e2e" else item.op
+        return f"e2e {item['model']} {item['mode']}" if kind == "e2e" else item.op
 
     def add(self, kind: str, item, seconds: float) -> None:
         self.seen.setdefault(self.key(kind, item), []).append(seconds)
@@ -216,10 +221,11 @@ def main(argv=None) -> int:
 
         return hf_main(argv[1:])
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    try:
+        device = resolve_device(args.device).type
+    except ValueError as error:  # --device cuda without a CUDA device
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     env = environment(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
@@ -287,6 +293,7 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
     progress = tqdm(items, desc="cases", unit="case", file=sys.stderr, mininterval=2.0, disable=not sys.stderr.isatty())
     for _, kind, item in progress:
         if kind == "linear_cross_entropy":
+            _announce(progress, "linear_cross_entropy", t0)
             _run_linear_cross_entropy(args, run, device, use_compile, timer, t0)
             continue
         if kind == "e2e":
@@ -301,9 +308,7 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
             if not providers:
                 continue
         label = e2e.label(item) if kind == "e2e" else item.label
-        progress.set_postfix_str(label)
-        if not sys.stderr.isatty():
-            print(f"[{time.monotonic() - t0:.0f} s] {label}", file=sys.stderr, flush=True)
+        _announce(progress, label, t0)
         started = time.monotonic()
         expected = estimator.estimate_s(kind, item, providers)
         over_budget = args.time_budget is not None and started - t0 + expected > args.time_budget
@@ -327,12 +332,17 @@ def run_items(args, run: dict, device: str, use_compile: bool, timer, done_kerne
     progress.close()
 
 
+def _announce(progress, label: str, t0: float) -> None:
+    """The case starting: in the progress bar on a terminal, else as a log line."""
+    progress.set_postfix_str(label)
+    if not sys.stderr.isatty():
+        print(f"[{time.monotonic() - t0:.0f} s] {label}", file=sys.stderr, flush=True)
+
+
 def _run_linear_cross_entropy(args, run: dict, device: str, use_compile: bool, timer, t0: float) -> None:
     """The linear_cross_entropy suite (its own time and peak-memory table) within what is left
     of the time budget."""
     budget_left = None if args.time_budget is None else args.time_budget - (time.monotonic() - t0)
-    if not sys.stderr.isatty():
-        print(f"[{time.monotonic() - t0:.0f} s] linear_cross_entropy", file=sys.stderr, flush=True)
     run["linear_cross_entropy"] = linear_cross_entropy.run_suite(
         device, args.quick or args.headline, use_compile, timer, time_budget_s=budget_left)
     run["extra_markdown"] = [linear_cross_entropy.markdown(run["linear_cross_entropy"])]

@@ -30,7 +30,7 @@ from llm.cli import int_in
 from llm.files import write_text
 from llm.plots import save_png
 
-from .measure import REPO_ROOT, device_slug, environment, make_timer
+from .measure import REPO_ROOT, device_slug, environment, make_timer, resolve_device_and_model
 from .report import fmt, markdown_table
 
 VARIANTS = ("stock", "llmkernels", "compile")
@@ -55,28 +55,40 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="fewer timed samples and a shorter generation")
     parser.add_argument("--out", type=Path, help="output folder")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
-    args.device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if args.model == "auto":
-        args.model = "gpt2" if args.device == "cuda" else "tiny"
+    resolve_device_and_model(parser, args)
     config, batch, seq = MODELS[args.model]
     args.batch, args.seq = args.batch or batch, args.seq or seq
-    if args.seq > config["n_positions"] or args.prompt_tokens + (args.new_tokens or 64) > config["n_positions"]:
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    if args.seq > config["n_positions"] or args.prompt_tokens + args.new_tokens > config["n_positions"]:
         parser.error(f"--seq and --prompt-tokens + --new-tokens must fit the {args.model} context of "
                      f"{config['n_positions']} positions")
-    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     args.variant = list(dict.fromkeys(args.variant or VARIANTS))
     return args
 
 
+def stock_model(name: str, **overrides):
+    """transformers.GPT2LMHeadModel of MODELS[name] (fields replaced by `overrides`), random
+    weights, dropout off (no fused kernel has dropout), attn_implementation "sdpa"."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = {**MODELS[name][0], **overrides}
+    last_token = config["vocab_size"] - 1  # GPT-2's <|endoftext|> id, in this vocabulary
+    return GPT2LMHeadModel(GPT2Config(**config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=last_token, eos_token_id=last_token, attn_implementation="sdpa"))
+
+
 def build_model(variant: str, stock, device: str):
-    """A copy of the stock model set up as `variant`, in training mode."""
+    """A copy of the stock model set up as `variant`, in training mode. Only this copy is
+    patched: GPT-2 models built later in the process stay stock."""
+    from transformers import GPT2PreTrainedModel
+
     from llmkernels.integrations.transformers import apply_llmkernels_to_gpt2
 
     model = copy.deepcopy(stock).to(device).train()
     if variant == "llmkernels":
+        post_init = GPT2PreTrainedModel.post_init
         apply_llmkernels_to_gpt2(model)
+        GPT2PreTrainedModel.post_init = post_init  # undo the patch of every GPT-2 built after
     elif variant == "compile":
         model.forward = torch.compile(model.forward, dynamic=True)
     return model
@@ -165,7 +177,6 @@ def write_outputs(run: dict, out_dir: Path) -> None:
 
 def main(argv=None) -> int:
     from tqdm import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -176,11 +187,8 @@ def main(argv=None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     out_dir = args.out or REPO_ROOT / "benchmarks" / "results" / f"{started:%Y-%m-%d-%H%M%S}-hf-{device_slug(env)}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    config_args, _, _ = MODELS[args.model]
     torch.manual_seed(0)
-    last_token = config_args["vocab_size"] - 1  # GPT-2's <|endoftext|> id, in this vocabulary
-    stock = GPT2LMHeadModel(GPT2Config(**config_args, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                       bos_token_id=last_token, eos_token_id=last_token))
+    stock = stock_model(args.model)
     run = {"schema": 1, "started": started.isoformat(timespec="seconds"), "mode": args.device, "env": env,
            "command": ["python", "-m", "benchmarks", "hf", *argv], "parameters": stock.num_parameters(),
            "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}

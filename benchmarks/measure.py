@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from llm.runtime import resolve_device
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FLUSH_BYTES = 1 << 30
 
@@ -142,6 +144,18 @@ def make_timer(device: str, quick: bool):
         # About 0.1 s of wall time per measurement (quick: 0.05 s).
         return CudaTimer(warmup_ms=5, rep_ms=20, min_samples=5) if quick else CudaTimer(10, 40, 10)
     return CpuTimer(warmup=1, reps=3) if quick else CpuTimer(warmup=2, reps=10)
+
+
+def resolve_device_and_model(parser, args) -> None:
+    """--device and --model of a benchmark with its own options (hf, serve) made concrete:
+    --device through llm.runtime.resolve_device (auto -> cuda when torch sees a device, else
+    cpu; cuda without one is a usage error); --model auto -> gpt2 (124M) on a GPU, tiny on CPU."""
+    try:
+        args.device = resolve_device(args.device).type
+    except ValueError as error:
+        parser.error(str(error))
+    if args.model == "auto":
+        args.model = "gpt2" if args.device == "cuda" else "tiny"
 
 
 def warm_up_clocks(device: str, seconds: float = 1.0) -> None:

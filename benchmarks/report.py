@@ -139,7 +139,7 @@ def headline_markdown(run: dict) -> str:
     e2e_rows = _e2e_rows(run)
     if e2e_rows:
         parts.append(markdown_table(["end to end", "tokens/s", "ms/step", "MFU", "of matmul ceiling", "peak GiB",
-                             "vs use_fused=False"], e2e_rows))
+                             "vs use_fused=False / stock"], e2e_rows))
     return "\n\n".join(parts) if parts else "(nothing timed)"
 
 
@@ -166,15 +166,23 @@ def suite_markdown(records: list[dict], op: str, ceilings: dict) -> str:
     return title + "\n\n" + markdown_table(["shape", "dtype", "pass"] + providers + ["best ours vs best baseline"], rows)
 
 
+def _e2e_model(r: dict) -> str:
+    """Whose model an e2e row trains: "llm" or "transformers" (runs saved before the
+    transformers rows have only llm's)."""
+    return r.get("model", "llm")
+
+
 def _e2e_rows(run: dict) -> list[list[str]]:
+    """One row per training step configuration; a use_fused row against the same model's
+    unfused row (llm's use_fused=False, transformers' stock GPT-2) in the same mode."""
     results = run.get("e2e", [])
-    unfused = {r["mode"]: r for r in results if not r["use_fused"] and r.get("tokens_per_s")}
+    unfused = {(_e2e_model(r), r["mode"]): r for r in results if not r["use_fused"] and r.get("tokens_per_s")}
     rows = []
     for r in results:
         if r.get("tokens_per_s"):
             mfu = f"{100 * r['mfu']:.1f}% of {r['mfu_peak_tflops']:.0f} TF" if r.get("mfu") else "-"
             of_ceiling = f"{100 * r['mfu_of_matmul_ceiling']:.1f}%" if r.get("mfu_of_matmul_ceiling") else "-"
-            base = unfused.get(r["mode"])
+            base = unfused.get((_e2e_model(r), r["mode"]))
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r["use_fused"] else "-"
             rows.append([r["label"], f"{r['tokens_per_s']:.0f}", f"{r['ms_per_step']:.1f}", mfu, of_ceiling,
                          fmt(r.get("peak_memory_gib")), ratio])
@@ -305,7 +313,7 @@ def match_anchor(key: str, run: dict):
     if m := _E2E.match(key):
         mode = "eager" if m[1] == "eager" else "compile"
         for r in run.get("e2e", []):
-            if r["mode"] == mode and not r["use_fused"] and r.get("tokens_per_s"):
+            if _e2e_model(r) == "llm" and r["mode"] == mode and not r["use_fused"] and r.get("tokens_per_s"):
                 return r["tokens_per_s"], r["label"], _OTHER_MODEL
     return None
 
@@ -416,7 +424,8 @@ def plot(run: dict, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     if e2e:
         ax = axes[-1, 0]
-        ax.bar(range(len(e2e)), [r["tokens_per_s"] for r in e2e], color="tab:gray")
+        colours = {"llm": "tab:gray", "transformers": "tab:purple"}
+        ax.bar(range(len(e2e)), [r["tokens_per_s"] for r in e2e], color=[colours[_e2e_model(r)] for r in e2e])
         ax.set_xticks(range(len(e2e)))
         ax.set_xticklabels([r["label"].split(" ", 2)[-1] for r in e2e], fontsize=8)
         ax.set_ylabel("tokens/s")

@@ -38,7 +38,7 @@ from llm.plots import save_png
 from llm.serving.launch import serve_in_subprocess
 from llm.tokenizer import gpt2_tokenizer, tokenizer_to_dict, train_bpe
 
-from .measure import REPO_ROOT, device_slug, environment
+from .measure import REPO_ROOT, device_slug, environment, resolve_device_and_model
 from .report import fmt
 
 # Prompts are cut from this text; the tiny model's 512-token BPE is learned on it (a small
@@ -66,11 +66,7 @@ def parse_args(argv):
     parser.add_argument("--use-fused", action="store_true", help="serve with --use-fused")
     parser.add_argument("--out", type=Path, help="output folder")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
-    args.device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if args.model == "auto":
-        args.model = "gpt2" if args.device == "cuda" else "tiny"
+    resolve_device_and_model(parser, args)
     args.clients = list(dict.fromkeys(args.clients or [1, 8, 32]))
     args.max_concurrency = args.max_concurrency or max(args.clients)
     return args

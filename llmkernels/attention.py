@@ -45,6 +45,20 @@ def causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Ten
     return visible.tril(diagonal=key_len - query_len)
 
 
+def attention_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """scale * q @ k^T in at least fp32, the causal mask's hidden entries -inf: (B, H, Sq, Sk).
+    k (B, Hkv, Sk, D) is repeated for the H // Hkv query heads of each group."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    q_, k_ = q.to(compute_dtype), k.to(compute_dtype)
+    if kv_heads != heads:
+        k_ = k_.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Sk, D)
+    scores = (q_ @ k_.transpose(-2, -1)) * scale  # (B, H, Sq, D) @ (B, H, D, Sk) -> (B, H, Sq, Sk)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return scores
+
+
 def flash_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: Optional[float] = None
 ) -> torch.Tensor:
@@ -52,18 +66,13 @@ def flash_attention_reference(
 
     q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D) with H a multiple of Hkv (grouped-query
     attention: each group of H // Hkv query heads shares one key/value head)."""
-    batch, heads, query_len, head_dim = q.shape
-    kv_heads, key_len = k.shape[1], k.shape[2]
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    q_, k_, v_ = (t.to(compute_dtype) for t in (q, k, v))
-    if kv_heads != heads:
-        k_ = k_.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Sk, D)
-        v_ = v_.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Sk, D)
-    scores = (q_ @ k_.transpose(-2, -1)) * scale  # (B, H, Sq, D) @ (B, H, D, Sk) -> (B, H, Sq, Sk)
-    if causal:
-        scores = scores.masked_fill(~causal_mask(query_len, key_len, q.device), float("-inf"))
+    scores = attention_scores(q, k, causal, scale)  # (B, H, Sq, Sk)
     probs = torch.softmax(scores, dim=-1)  # (B, H, Sq, Sk), each row sums to 1
+    v_ = v.to(scores.dtype)
+    if kv_heads != heads:
+        v_ = v_.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, Sk, D)
     out = probs @ v_  # (B, H, Sq, Sk) @ (B, H, Sk, D) -> (B, H, Sq, D)
     return out.to(q.dtype)
 

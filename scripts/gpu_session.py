@@ -22,8 +22,9 @@ Call 1 stages, in order, each with its time cap (seconds, GPU):
   smoke       60  tests/test_kernel_smoke.py: every kernel of every backend, one ragged shape, forward and
                   backward, fp16 and bf16, against float64 under the numerics rule (-> smoke.jsonl)
   bench      205  python -m benchmarks all --headline: ceilings, attention, LayerNorm, add+LayerNorm, GELU,
-                  bias-GELU (one shape each), GPT-2 training steps, linear_cross_entropy time and peak memory,
-                  each against same-run baselines (eager, torch.compile, SDPA); takes what is left
+                  bias-GELU (one shape each), GPT-2 training steps (llm's model; Hugging Face's, stock and
+                  patched), linear_cross_entropy time and peak memory, each against same-run baselines
+                  (eager, torch.compile, SDPA); takes what is left
 Call 2 stages:
   build       60  call 1's extension, when the sources and torch are the same (seconds); else the build
   backends    15  as in call 1
@@ -633,8 +634,9 @@ def summary_text(session: Session) -> str:
 
 
 def stage_cap(session: Session, stage: Stage) -> float:
-    """The stage's cap, within what the budget has left after the summary's reserve; the
-    call's last stage takes everything left."""
+    """The stage's cap, within what the budget has left after the summary's reserve and the
+    interrupt grace (a capped stage still gets SIGINT's grace to write its outputs); the
+    call's last stage takes everything left unless --cap names it."""
     left = session.left_s() - SUMMARY_RESERVE_S - INTERRUPT_GRACE_S
     cap = session.caps.get(stage.name, stage.caps_s[session.device])
     return left if stage.takes_rest and stage.name not in session.caps else min(cap, left)

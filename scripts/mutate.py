@@ -262,7 +262,8 @@ def check(repo: Path, mutations: list[Mutation], jobs: int, out=sys.stdout) -> i
             # 1. every distinct test selection passes unmutated
             selections = sorted({m.tests for m in mutations})
             baselines = dict(zip(selections, pool.map(lambda tests: on_a_copy(run_tests, tests), selections)))
-            broken = [(tests, baseline_problem(run)) for tests, run in baselines.items() if baseline_problem(run)]
+            problems = {tests: baseline_problem(run) for tests, run in baselines.items()}
+            broken = [(tests, problem) for tests, problem in problems.items() if problem]
             for tests, problem in broken:
                 users = ", ".join(m.name for m in mutations if m.tests == tests)
                 print(f"mutate: tests {' '.join(tests)} (for {users}) {problem}\n{baselines[tests].output[-3000:]}",

@@ -1,8 +1,11 @@
 """The benchmark command (benchmarks/): its CPU path, which is what a machine without a GPU
 runs, finishes and writes results that parse; and the anchor comparison matches the saved
 H100 figures to our cases. No timing is asserted."""
+import contextlib
 import datetime
+import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cli, kernels, report  # benchmarks/ runs from the checkout (pytest pythonpath ".")
+from benchmarks import cli, e2e, kernels, report  # benchmarks/ runs from the checkout (pytest pythonpath ".")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +38,14 @@ def test_quick_cpu_run_writes_json_markdown_and_plot(tmp_path):
         if r["ms"] is not None:
             assert r["samples_ms"] and r["rate"] > 0 and r["pct_of_ceiling"] > 0
     assert any(r["provider"] == "torch:eager" and r["ms"] for r in run["records"])
-    assert len(run["e2e"]) == 4
+    assert len(run["e2e"]) == 6  # llm's four, the Hugging Face GPT-2 stock and patched
     assert all(e.get("tokens_per_s") or e.get("error") or e.get("skipped") for e in run["e2e"])
+    hf_rows = [e for e in run["e2e"] if e["model"] == "transformers"]
+    assert len(hf_rows) == 2 and all(math.isfinite(e["tokens_per_s"]) and e["tokens_per_s"] > 0 for e in hf_rows)
 
     markdown = (tmp_path / "results.md").read_text()
     assert "CPU run" in markdown and "| shape | dtype | pass |" in markdown
+    assert all(f"| {e['label']} |" in markdown for e in run["e2e"])  # the e2e table, GPT-2 rows included
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -134,6 +140,82 @@ def test_time_budget_estimates_learn_from_the_cases_already_timed():
     estimator.add("kernel", case, 55.0)
     estimator.add("kernel", case, 65.0)
     assert estimator.estimate_s("kernel", case, providers) == 60.0  # what this run's cases of the op took
-    step = {"mode": "compile", "estimate_s": 60}
+    step = {"model": "llm", "mode": "compile", "estimate_s": 60}
     estimator.add("e2e", step, 90.0)
     assert estimator.estimate_s("e2e", step) == 90.0
+
+
+SETTINGS = ("preset", "overrides", "batch", "seq", "warmup_steps", "steps")
+
+
+def test_e2e_plan_has_hugging_face_gpt2_rows_at_the_llm_rows_settings(monkeypatch):
+    """Stock and patched transformers GPT-2, eager, sized as llm's rows (GPT-2 124M B16xT1024 on a
+    GPU); in a headline GPU run after linear_cross_entropy and before the compiled steps, and
+    skipped with the reason where transformers is missing."""
+    for device, preset, batch, seq in (("cuda", "gpt2", 16, 1024), ("cpu", "tiny", 2, 64)):
+        items = e2e.plan(device, quick=True, use_compile=True)
+        llm_rows = [i for i in items if i["model"] == "llm"]
+        hf_rows = [i for i in items if i["model"] == "transformers"]
+        assert [(i["variant"], i["mode"], i["use_fused"]) for i in hf_rows] == [("stock", "eager", False),
+                                                                            ("llmkernels", "eager", True)]
+        for item in hf_rows:
+            assert {k: item[k] for k in SETTINGS} == {k: llm_rows[0][k] for k in SETTINGS}
+            assert (item["preset"], item["batch"], item["seq"]) == (preset, batch, seq) and not item.get("skipped")
+        assert len({e2e.label(i) for i in items}) == len(items)  # --extend tells the rows apart by label
+    order = [(kind, item and item["model"], item and item["mode"])
+             for _, kind, item in cli.plan(["linear_cross_entropy", "e2e"], "cuda", False, True, headline=True)]
+    assert order == [("e2e", "llm", "eager")] * 2 + [("linear_cross_entropy", None, None)] + \
+        [("e2e", "transformers", "eager")] * 2 + [("e2e", "llm", "compile")] * 2
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "transformers" else real_find_spec(name, *args))
+    for item in (i for i in e2e.plan("cpu", quick=True, use_compile=False) if i["model"] == "transformers"):
+        assert item["skipped"] == "transformers is not installed (pip install 'llmkernels[hf]')"
+        result = e2e.run(item, "cpu")
+        assert not result.get("error") and "tokens_per_s" not in result
+
+
+def test_a_cpu_run_trains_the_hugging_face_rows(monkeypatch):
+    """The transformers rows train the stock and the patched GPT-2 and give finite figures."""
+    pytest.importorskip("transformers")
+    from benchmarks import hf
+
+    monkeypatch.setattr(e2e, "_auto_backend", contextlib.nullcontext)  # the references, as on a CPU
+    monkeypatch.setenv("LLMKERNELS_BACKEND", "reference")  # without the Triton interpreter: seconds, not 20
+    results = [e2e.run(item, "cpu") for item in e2e.plan("cpu", quick=True, use_compile=False)
+               if item["model"] == "transformers"]
+    stock = hf.stock_model("tiny", **results[0]["overrides"])
+    for r in results:
+        assert not r.get("error") and not r.get("skipped"), r
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and len(r["samples_ms"]) == r["steps"]
+        assert r["parameters"] == stock.num_parameters() and r["config"]["n_positions"] == 256  # GPT-2's, not llm's
+        assert r["flops_per_token"] == e2e.flops_per_token(r["parameters"], 256 * 128, 4, 64, 128)
+    assert [r["config"]["attn_implementation"] for r in results] == ["sdpa", "llmkernels"]  # really patched
+    assert hf.stock_model("tiny").config._attn_implementation == "sdpa"  # the patch stayed on its row's model
+    assert "transformers apply_llmkernels_to_gpt2" in report.headline_markdown({"records": [], "e2e": results})
+
+
+def test_e2e_table_compares_each_model_with_its_own_unfused_row(tmp_path):
+    """A patched GPT-2 row is compared with the stock GPT-2 row, llm's use_fused rows with
+    llm's use_fused=False; the anchor comparison takes llm's row; the plot draws them all."""
+    def row(model, use_fused, tokens_per_s, variant=None):
+        item = {"model": model, "variant": variant, "mode": "eager", "use_fused": use_fused, "backend": "auto: cuda",
+                "preset": "gpt2", "batch": 16, "seq": 1024}
+        return dict(item, label=e2e.label(item), tokens_per_s=tokens_per_s, ms_per_step=16384e3 / tokens_per_s,
+                    mfu=0.3, mfu_peak_tflops=989.0, mfu_of_matmul_ceiling=0.4, peak_memory_gib=20.0)
+
+    skipped = {"model": "transformers", "variant": "stock", "mode": "eager", "use_fused": False, "preset": "gpt2",
+               "batch": 16, "seq": 1024, "skipped": "transformers is not installed (pip install 'llmkernels[hf]')"}
+    rows = [row("transformers", False, 800.0, "stock"), row("transformers", True, 1200.0, "llmkernels"),
+            row("llm", False, 1000.0), row("llm", True, 1500.0)]
+    table = report.headline_markdown({"records": [], "e2e": rows + [dict(skipped, label=e2e.label(skipped))]})
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert lines["gpt2 B16xT1024 eager transformers apply_llmkernels_to_gpt2 (auto: cuda)"].endswith("| 1.50x |")
+    assert lines["gpt2 B16xT1024 eager use_fused=True (auto: cuda)"].endswith("| 1.50x |")
+    assert "| 1200 | 13653.3 | 30.0% of 989 TF | 40.0% | 20 |" in table  # the llm rows' columns
+    assert "transformers is not installed" in table
+    run = {"mode": "cuda", "env": {"device": report.ANCHOR_DEVICE}, "records": [], "e2e": rows}
+    assert report.match_anchor("gpt2-124M train B16xT1024 eager sdpa", run)[0] == 1000.0  # llm's, not GPT-2's
+    report.plot(run, tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"

@@ -4,16 +4,9 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-from benchmarks import cli  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def restore_gpt2_class(monkeypatch):
-    """The llmkernels variant runs apply_llmkernels_to_gpt2, which also patches GPT-2 models built
-    later; undone after each test so other tests in this process build stock models."""
-    monkeypatch.setattr(transformers.GPT2PreTrainedModel, "post_init", transformers.GPT2PreTrainedModel.post_init)
+from benchmarks import cli, hf  # noqa: E402
 
 
 def test_hf_benchmark_times_each_variant_and_writes_its_outputs(tmp_path, monkeypatch):
@@ -41,3 +34,5 @@ def test_hf_benchmark_refuses_a_context_it_cannot_fit(capsys):
         cli.main(["hf", "--device", "cpu", "--seq", "1000"])
     assert exit_info.value.code == 2
     assert "must fit the tiny context of 256 positions" in capsys.readouterr().err
+    # --quick generates 16 tokens: a 230-token prompt fits the 256 positions
+    assert hf.parse_args(["--device", "cpu", "--quick", "--prompt-tokens", "230"]).new_tokens == 16

@@ -37,7 +37,7 @@ import torch
 from torch.library import Library
 
 from .. import backends
-from ..attention import causal_mask, flash_attention_reference
+from ..attention import attention_scores, flash_attention_reference
 
 PROVIDER_NAME = "llmkernels"
 FORWARD_OP = "_scaled_dot_product_flash_attention"
@@ -60,16 +60,6 @@ def _chosen_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return backends.select_backend("flash_attention", "auto", query, key, value, scale)
 
 
-def _scores(query: torch.Tensor, key: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
-    """scale * q @ k^T with the causal mask as -inf, in float32 or float64: (B, H, Sq, Sk)."""
-    compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    key = key.to(compute_dtype).repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, Sk, D)
-    scores = (query.to(compute_dtype) @ key.transpose(-2, -1)) * scale  # (B, H, Sq, D) @ (B, H, D, Sk)
-    if is_causal:
-        scores = scores.masked_fill(~causal_mask(query.shape[2], key.shape[2], query.device), float("-inf"))
-    return scores
-
-
 def _dropout_keep_mask(seed: int, shape: torch.Size, dropout_p: float, device: torch.device) -> torch.Tensor:
     """Which attention probabilities dropout keeps; the same mask for the same seed, so the
     backward regenerates the forward's mask from the seed it saved in rng_state."""
@@ -82,7 +72,7 @@ def _reference_forward(query, key, value, dropout_p: float, is_causal: bool, sca
     are dropped and the kept ones scaled by 1 / (1 - p). In at least float32."""
     if dropout_p == 0.0:
         return flash_attention_reference(query, key, value, is_causal, scale)
-    scores = _scores(query, key, is_causal, scale)  # (B, H, Sq, Sk)
+    scores = attention_scores(query, key, is_causal, scale)  # (B, H, Sq, Sk)
     keep = _dropout_keep_mask(seed, scores.shape, dropout_p, query.device)
     probs = torch.softmax(scores, dim=-1) * keep / (1.0 - dropout_p)
     value = value.to(probs.dtype).repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # (B, H, Sk, D)
@@ -116,7 +106,7 @@ def scaled_dot_product_flash_attention(
         if dropout_p > 0.0:  # no fused kernel has dropout: the reference, with a seed the backward replays
             seed = int(torch.randint(2**62, (), dtype=torch.int64))
         output = _reference_forward(query, key, value, dropout_p, is_causal, scale, seed)
-        logsumexp = torch.logsumexp(_scores(query, key, is_causal, scale), dim=-1).float()  # (B, H, Sq)
+        logsumexp = torch.logsumexp(attention_scores(query, key, is_causal, scale), dim=-1).float()  # (B, H, Sq)
     # The seed where PyTorch's kernel keeps its Philox (seed, offset); dtypes and shapes as its meta
     # function. Without dropout no host value is copied to the device.
     rng_state = torch.zeros(2, dtype=torch.uint64, device=query.device)
