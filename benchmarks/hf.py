@@ -80,15 +80,12 @@ def stock_model(name: str, **overrides):
 def build_model(variant: str, stock, device: str):
     """A copy of the stock model set up as `variant`, in training mode. Only this copy is
     patched: GPT-2 models built later in the process stay stock."""
-    from transformers import GPT2PreTrainedModel
-
-    from llmkernels.integrations.transformers import apply_llmkernels_to_gpt2
+    from llmkernels.integrations.transformers import apply_llmkernels_to_gpt2, revert_llmkernels_gpt2_class_patch
 
     model = copy.deepcopy(stock).to(device).train()
     if variant == "llmkernels":
-        post_init = GPT2PreTrainedModel.post_init
         apply_llmkernels_to_gpt2(model)
-        GPT2PreTrainedModel.post_init = post_init  # undo the patch of every GPT-2 built after
+        revert_llmkernels_gpt2_class_patch()  # GPT-2 models built after this one stay stock
     elif variant == "compile":
         model.forward = torch.compile(model.forward, dynamic=True)
     return model

@@ -23,9 +23,10 @@ SEQ = 13
 
 
 @pytest.fixture(autouse=True)
-def restore_gpt2_class(monkeypatch):
+def restore_gpt2_class():
     """apply_llmkernels_to_gpt2 also patches GPT-2 models built later: undone after each test."""
-    monkeypatch.setattr(transformers.GPT2PreTrainedModel, "post_init", transformers.GPT2PreTrainedModel.post_init)
+    yield
+    hf.revert_llmkernels_gpt2_class_patch()
 
 
 @pytest.fixture
@@ -175,7 +176,7 @@ def test_peft_lora_on_a_patched_model(calls, generator):
     assert "gelu" in calls and "bias_gelu" not in calls  # c_fc is an adapter now: its forward, then the GELU
 
 
-def test_gpt2_models_built_later_are_patched(tmp_path):
+def test_gpt2_models_built_later_are_patched_until_the_class_patch_is_reverted(tmp_path):
     _gpt2().save_pretrained(tmp_path)
     hf.apply_llmkernels_to_gpt2(layer_norm=False)
     for model in (_gpt2(), transformers.GPT2LMHeadModel.from_pretrained(tmp_path)):
@@ -183,6 +184,12 @@ def test_gpt2_models_built_later_are_patched(tmp_path):
         assert model.forward.__func__ is hf._gpt2_lm_forward
         assert model.transformer.h[0].mlp.forward.__func__ is hf._gpt2_mlp_forward
         assert "forward" not in vars(model.transformer.ln_f)  # layer_norm=False left LayerNorm alone
+    patched = model
+    hf.revert_llmkernels_gpt2_class_patch()
+    stock = _gpt2()
+    assert stock.config._attn_implementation != "llmkernels"
+    assert not any("forward" in vars(module) for module in stock.modules())  # nothing bound per instance
+    assert patched.forward.__func__ is hf._gpt2_lm_forward  # the models already patched stay patched
 
 
 def test_bad_arguments_are_named():

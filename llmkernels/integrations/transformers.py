@@ -162,7 +162,8 @@ def apply_llmkernels_to_gpt2(
 ) -> None:
     """Patch Hugging Face GPT-2 to run on llmkernels: `model` (a GPT-2 model such as
     GPT2LMHeadModel, or a peft model around one) now, and every GPT-2 model built after
-    this call (GPT2LMHeadModel(config), from_pretrained) as it is built.
+    this call (GPT2LMHeadModel(config), from_pretrained) as it is built, until
+    revert_llmkernels_gpt2_class_patch().
 
     attention                   attn_implementation="llmkernels" (see llmkernels_attention_forward)
     layer_norm                  every LayerNorm -> llmkernels.layer_norm
@@ -183,3 +184,10 @@ def apply_llmkernels_to_gpt2(
         _patch_gpt2(base, **flags)
     _CLASS_PATCH.update(flags)
     GPT2PreTrainedModel.post_init = _post_init_and_patch
+
+
+def revert_llmkernels_gpt2_class_patch() -> None:
+    """GPT-2 models built from now on are stock again; models already patched stay patched
+    (build a fresh one, or reload it, to get a stock model back)."""
+    _CLASS_PATCH.clear()
+    GPT2PreTrainedModel.post_init = _STOCK_POST_INIT
