@@ -134,6 +134,9 @@ def test_guardrails_and_grounding_in_chat(leaker, tmp_path):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="leaker.pt", messages=[{"role": "user", "content": "my password?"}])
         assert refused.value.code == "content_policy" and "blocked_patterns" in refused.value.message
+        with pytest.raises(openai.PermissionDeniedError) as raw:  # the policy cannot be gone around
+            client.completions.create(model="leaker.pt", prompt="my password?", max_tokens=4)
+        assert raw.value.code == "content_policy" and "/v1/chat/completions" in raw.value.message
         reply = client.chat.completions.create(model="leaker.pt", temperature=0, max_tokens=20,
                                                messages=[{"role": "user", "content": "Who guards the harbour?"}])
         assert reply.choices[0].finish_reason == "content_filter"

@@ -64,7 +64,8 @@ def build_parser():
     applications = parser.add_argument_group("applications (chat; see llm.serving.applications)")
     applications.add_argument("--rag-index", type=existing_path, default=None,
                               help="answer chat from this llm-rag index; the sources come back in 'sources'")  # fmt: skip
-    applications.add_argument("--policy", type=existing_file, default=None, help="a guardrail policy file (JSON)")
+    applications.add_argument("--policy", type=existing_file, default=None,
+                              help="a guardrail policy file (JSON) for chat; /v1/completions is then refused (403)")
     applications.add_argument("--app-log", default=None, help="append one JSON line per chat answer to this file")
     applications.add_argument("--app-log-content", action="store_true", help="the log includes messages and answers")
     return parser

@@ -167,6 +167,9 @@ def create_app(served: ServedModel, max_concurrency: int = DEFAULT_MAX_CONCURREN
     async def completions(body: CompletionRequest, request: Request):
         note_request(request, body)
         check_model(body.model)
+        if applications.guardrails:  # raw prompts and texts would pass the policy unchecked
+            raise ApiError(403, "this server's --policy guards chat only, so /v1/completions is turned off: "
+                                "use /v1/chat/completions", type="permission_error", code="content_policy")
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(body.prompt[0], int) \
             else [body.prompt]
         check_choices(len(prompts) * (body.n or 1))

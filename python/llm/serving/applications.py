@@ -18,8 +18,8 @@
                with --app-log-content
 
 A stream with any of these active is generated whole, checked, then sent as chunks: nothing
-unchecked reaches the client. /v1/completions has none of them: its prompts and texts are
-not checked against the policy.
+unchecked reaches the client. /v1/completions has none of them, so a server with a policy
+refuses it (403, code "content_policy"): raw prompts and texts would pass the policy unchecked.
 """
 
 from __future__ import annotations
