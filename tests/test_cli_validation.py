@@ -204,6 +204,7 @@ def test_every_command_checks_device_when_parsing(command, argv, capsys):
     (["--prompts", MISSING, "--adapters", MISSING], "--adapters: not used by --prompts"),
     (["--tool-use", "--data", "arithmetic-tools", "--batch-size", "2"], "--data, --batch-size: not used by --tool-use"),
     (["--max-new-tokens", "5"], "--max-new-tokens: not used by the task's report"),
+    (["--tool-use", "--answer-count", "0"], "--answer-count: --tool-use needs at least 1 record to answer, got 0"),
 ])
 def test_llm_eval_refuses_options_its_run_would_ignore(argv, message, capsys):
     from llm.evaluate import main as eval_main

@@ -166,7 +166,8 @@ def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_
         raise ValueError("--prompts needs --data: a labelled set of instruction records (or a built-in dataset name)")
     variants = read_variants(prompts)
     records = load_examples(FinetuneConfig(task="instruct", init_from=checkpoint, data=data), read_instructions)
-    records = [r for r in records if isinstance(r, Instruction)][: answer_count or 30]  # single-turn records
+    single_turn = [r for r in records if isinstance(r, Instruction)]
+    records = single_turn[: 30 if answer_count is None else answer_count]
     if not records:
         raise ValueError(f"--data {' '.join(data)}: no single-turn instruction records to compare prompts on")
     model = load_prompted_model(checkpoint, device, use_fused, max_new_tokens=max_new_tokens)
@@ -197,7 +198,7 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
     cfg = FinetuneConfig(task="instruct", init_from=checkpoint, data=[ARITHMETIC_DATASET],
                          val_fraction=saved.get("val_fraction", 0.1), test_fraction=saved.get("test_fraction", 0.1))
     records = split_examples(load_examples(cfg, read_instructions), cfg.val_fraction, cfg.test_fraction,
-                             SPLIT_SEED)["test"][: answer_count or 100]  # fmt: skip
+                             SPLIT_SEED)["test"][: 100 if answer_count is None else answer_count]  # fmt: skip
     tools = ToolRegistry([CALCULATOR])
     results = {"with calculator": arithmetic_accuracy(model, records, tools, Policy().max_tool_calls),
                "without": arithmetic_accuracy(model, records, None)}  # fmt: skip
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                if name not in RUN_OPTIONS[run] and value != parser.get_default(name)]  # fmt: skip
     if ignored:
         parser.error(f"{', '.join('--' + name.replace('_', '-') for name in ignored)}: not used by {run}")
+    if args.answer_count == 0 and run != "the task's report":  # the task's report still measures its loss
+        parser.error(f"--answer-count: {run} needs at least 1 record to answer, got 0")
     with torch.no_grad():
         if args.prompts:
             _, table = evaluate_prompts(args.checkpoint, args.prompts, args.data, args.out_dir, args.device,
