@@ -225,13 +225,15 @@ def test_the_http_side_gives_up_on_its_own_when_the_engine_never_answers(instruc
 def test_null_max_tokens_on_completions_is_16(instruct_ckpt, caplog):
     """Review defect 5: max_tokens null meant the whole remaining context."""
     caplog.set_level(logging.INFO, logger=REQUEST_LOG.name)
-    with running(load_served_model(instruct_ckpt, device="cpu")) as client:
+    served = load_served_model(instruct_ckpt, device="cpu")
+    with running(served) as client:
         nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None, "seed": None,
                  "stream": None, "stream_options": None, "presence_penalty": None, "frequency_penalty": None,
                  "logit_bias": None, "user": None, "echo": None, "logprobs": None, "model": None}
-        body = client.post("/v1/completions", json={"prompt": "the", "logit_bias": {str(0): -100}, **{
+        no_end = {str(served.tokenizer.eot_token): -100}  # never ends early: exactly the default's tokens
+        body = client.post("/v1/completions", json={"prompt": "the", "logit_bias": no_end, **{
             k: v for k, v in nulls.items() if k != "logit_bias"}}).json()
-        assert body["usage"]["completion_tokens"] <= 16
+        assert body["usage"]["completion_tokens"] == 16 and body["choices"][0]["finish_reason"] == "length"
         body = client.post("/v1/completions", json={"prompt": "the", **nulls}).json()
         assert body["usage"]["completion_tokens"] <= 16 and len(body["choices"]) == 1
     records = [json.loads(r.getMessage()) for r in caplog.records if r.name == REQUEST_LOG.name]  # what metrics get
