@@ -51,12 +51,15 @@ def instruct_checkpoint(tmp_path):
     return path
 
 
-def test_llm_eval_compares_prompt_variants(instruct_checkpoint, tmp_path, capsys):
+def test_llm_eval_compares_prompt_variants(instruct_checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / "labelled.jsonl").write_text("\n".join(json.dumps(r) for r in (
         {"instruction": "What is 1 + 1?", "output": "2"}, {"instruction": "What is 2 + 3?", "output": "5"})))  # fmt: skip
     (tmp_path / "variants.json").write_text(json.dumps([
         {"name": "zero-shot"}, {"name": "few-shot", "examples": [{"instruction": "What is 2 + 2?", "output": "4"}]},
         {"name": "step-by-step", "template": "{input}\nThink step by step."}]))  # fmt: skip
+    prompts, complete = [], PromptedModel.complete
+    monkeypatch.setattr(PromptedModel, "complete", lambda self, prompt, *a, **k: prompts.append(prompt)
+                        or complete(self, prompt, *a, **k))
     evaluate_main(["--checkpoint", str(instruct_checkpoint), "--prompts", str(tmp_path / "variants.json"),
                    "--data", str(tmp_path / "labelled.jsonl"), "--max-new-tokens", "3"])  # fmt: skip
     table = capsys.readouterr().out
@@ -64,6 +67,13 @@ def test_llm_eval_compares_prompt_variants(instruct_checkpoint, tmp_path, capsys
     report = json.loads((instruct_checkpoint.parent / "eval" / "prompts.json").read_text())
     assert set(report["variants"]) == {"zero-shot", "few-shot", "step-by-step"}
     assert report["variants"]["zero-shot"]["mean_length"] == 3  # a random model never stops early (greedy)
+    # Each variant's own prompt for each record, in the checkpoint's chat template.
+    chat, tokenizer = get_template("chat"), gpt2_tokenizer()
+    shot = [Message("user", "What is 2 + 2?"), Message("assistant", "4")]
+    assert prompts == [chat.prompt_ids(messages, tokenizer) for messages in (
+        [Message("user", "What is 1 + 1?")], [Message("user", "What is 2 + 3?")],
+        shot + [Message("user", "What is 1 + 1?")], shot + [Message("user", "What is 2 + 3?")],
+        [Message("user", "What is 1 + 1?\nThink step by step.")], [Message("user", "What is 2 + 3?\nThink step by step.")])]
     with pytest.raises(SystemExit) as stop:
         evaluate_main(["--checkpoint", str(instruct_checkpoint), "--prompts", str(tmp_path / "variants.json")])
     assert stop.value.code == 2 and "--prompts needs --data" in capsys.readouterr().err
