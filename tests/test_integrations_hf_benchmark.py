@@ -6,11 +6,25 @@ import torch
 
 pytest.importorskip("transformers")
 
+import llmkernels  # noqa: E402
 from benchmarks import cli, hf  # noqa: E402
+
+PATCHED_OPS = ("flash_attention", "layer_norm", "bias_gelu", "linear_cross_entropy")
 
 
 def test_hf_benchmark_times_each_variant_and_writes_its_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMKERNELS_BACKEND", "reference")  # as on a CPU without the Triton interpreter
+    ran = {}  # variant -> the llmkernels ops its model called: the llmkernels row must time the patched model
+    measure = hf.measure
+
+    def measured(variant, *args, **kwargs):
+        ran[variant] = set()
+        return measure(variant, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "measure", measured)
+    for name in PATCHED_OPS:
+        monkeypatch.setattr(llmkernels, name, lambda *a, _name=name, _op=getattr(llmkernels, name), **k:
+                            ran[list(ran)[-1]].add(_name) or _op(*a, **k))
     threads = torch.get_num_threads()
     try:
         code = cli.main(["hf", "--device", "cpu", "--quick", "--variant", "stock", "--variant", "llmkernels",
@@ -21,6 +35,7 @@ def test_hf_benchmark_times_each_variant_and_writes_its_outputs(tmp_path, monkey
     assert code == 0
     run = json.loads((tmp_path / "results.json").read_text())
     assert [r["variant"] for r in run["results"]] == ["stock", "llmkernels"]
+    assert ran == {"stock": set(), "llmkernels": set(PATCHED_OPS)}
     for result in run["results"]:
         assert result["train_tokens_per_s"] > 0 and result["generate_tokens_per_s"] > 0
         assert len(result["train_samples_ms"]) == 3  # --quick: three timed samples after one warm-up
