@@ -241,6 +241,20 @@ def test_null_max_tokens_on_completions_is_16(instruct_ckpt, caplog):
     assert records[-1]["completion_tokens"] == body["usage"]["completion_tokens"] and records[-1]["user_hash"] is None
 
 
+def test_null_max_tokens_on_chat_is_the_rest_of_the_context_and_max_completion_tokens_wins(instruct_ckpt):
+    """OpenAI's chat rule: no limit given, the completion may fill the context; with both
+    names given, max_completion_tokens (the newer) is the one obeyed."""
+    served = load_served_model(instruct_ckpt, device="cpu")
+    chat = {"messages": [{"role": "user", "content": "the"}], "temperature": 0,
+            "logit_bias": {str(served.tokenizer.eot_token): -100}}  # never ends early
+    with running(served) as client:
+        whole = client.post("/v1/chat/completions", json={**chat, "max_tokens": None}).json()
+        both = client.post("/v1/chat/completions", json={**chat, "max_tokens": 9, "max_completion_tokens": 3}).json()
+    assert whole["usage"]["completion_tokens"] == served.model.config.context_length - whole["usage"]["prompt_tokens"]
+    assert whole["choices"][0]["finish_reason"] == "length"
+    assert both["usage"]["completion_tokens"] == 3
+
+
 def test_more_choices_than_places_are_refused_before_any_prompt_is_tokenized(instruct_ckpt, monkeypatch):
     served = load_served_model(instruct_ckpt, device="cpu")
     encoded = []
