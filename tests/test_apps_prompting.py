@@ -79,12 +79,18 @@ def test_llm_eval_compares_prompt_variants(instruct_checkpoint, tmp_path, capsys
     assert stop.value.code == 2 and "--prompts needs --data" in capsys.readouterr().err
 
 
-def test_llm_eval_tool_use_reports_with_and_without_the_calculator(instruct_checkpoint, capsys):
+def test_llm_eval_tool_use_reports_with_and_without_the_calculator(instruct_checkpoint, capsys, monkeypatch):
+    import llm.apps.tool_use
+
+    tool_loops, answer_with_tools = [], llm.apps.tool_use.answer_with_tools  # the calculator's row runs the loop
+    monkeypatch.setattr(llm.apps.tool_use, "answer_with_tools", lambda model, prompt, tools, *a, **k:
+                        tool_loops.append(list(tools.allowed)) or answer_with_tools(model, prompt, tools, *a, **k))
     evaluate_main(["--checkpoint", str(instruct_checkpoint), "--tool-use", "--answer-count", "2",
                    "--max-new-tokens", "4"])  # fmt: skip
     out = capsys.readouterr().out
     assert "| with calculator | 0.000 (2 questions) |" in out and "| without |" in out
     assert json.loads((instruct_checkpoint.parent / "eval" / "tool_use.json").read_text())["without"]["questions"] == 2
+    assert tool_loops == [["calculator"]] * 2  # one tool loop per question with the calculator; none without
 
 
 def test_llm_generate_puts_system_and_examples_in_the_template_and_applies_the_policy(
