@@ -196,6 +196,18 @@ def test_dropout_runs_the_reference_and_the_backward_replays_its_mask(active_pro
     # the backward dropped the same probabilities as the forward.
     assert torch.allclose((grad_out * out).sum(), (grad_v * v).sum(), rtol=1e-4, atol=1e-4)
     assert torch.isfinite(grad_q).all() and torch.isfinite(grad_k).all()
+    # The dropped attention matrix, read back from out = D @ v (v has full row rank: 9 keys, 16
+    # dims): its zeros are the mask. With that mask, inverted dropout written out here in float64
+    # (kept probabilities scaled by 1 / (1 - p)) must give the same out, dq, dk and dv.
+    dropped = out.double() @ torch.linalg.pinv(v.double())  # (B, H, Sq, Sk)
+    inputs64 = [t.double().requires_grad_() for t in (q, k, v)]
+    scores = (inputs64[0] @ inputs64[1].transpose(-2, -1) * 16**-0.5).masked_fill(
+        torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    out64 = (scores.softmax(-1) * (dropped.abs() > 1e-4) / (1 - 0.5)) @ inputs64[2]
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-4)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double())
+    for name, grad, grad64 in zip("qkv", (grad_q, grad_k, grad_v), grads64):
+        torch.testing.assert_close(grad.double(), grad64, atol=1e-5, rtol=1e-4, msg=f"grad_{name}")
 
 
 @requires_cuda
