@@ -170,7 +170,9 @@ def test_e2e_plan_has_hugging_face_gpt2_rows_at_the_llm_rows_settings(monkeypatc
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "transformers" else real_find_spec(name, *args))
-    for item in (i for i in e2e.plan("cpu", quick=True, use_compile=False) if i["model"] == "transformers"):
+    missing = [i for i in e2e.plan("cpu", quick=True, use_compile=False) if i["model"] == "transformers"]
+    assert [i["variant"] for i in missing] == ["stock", "llmkernels"]  # still planned, each with its reason
+    for item in missing:
         assert item["skipped"] == "transformers is not installed (pip install 'llmkernels[hf]')"
         result = e2e.run(item, "cpu")
         assert not result.get("error") and "tokens_per_s" not in result
