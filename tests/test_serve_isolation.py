@@ -173,7 +173,7 @@ def test_a_requests_own_failure_fails_it_alone_and_tiny_temperatures_are_greedy(
     """Review defect 1: temperature 3e-38 once made torch.multinomial raise in the batch-wide
     sampling line and failed every request batched with it (this model's logits are small:
     1e-45 overflows them as 3e-38 did a trained model's)."""
-    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.01)
+    served = slowed(load_served_model(instruct_ckpt, device="cpu"), 0.05)  # 12 steps: 0.6 s for all four to join
     original_push = TextStream.push
 
     pushes = {}
