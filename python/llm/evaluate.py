@@ -153,10 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def records_to_answer(answer_count: int | None, default: int, run: str) -> int:
+    """--answer-count for a run that answers records: `default` when not given, never 0
+    (the task's report may take 0: it still measures the loss)."""
+    if answer_count is None:
+        return default
+    if answer_count < 1:
+        raise ValueError(f"--answer-count: {run} needs at least 1 record to answer, got {answer_count}")
+    return answer_count
+
+
 def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_dir: str | None, device: str = "auto",
                      answer_count: int | None = None, max_new_tokens: int = 64,
                      use_fused: bool = False) -> tuple[dict, str]:  # fmt: skip
     """Each prompt variant over the labelled records; writes prompts.json to out_dir."""
+    answer_count = records_to_answer(answer_count, 30, "--prompts")
     from llm.apps.prompt_variants import evaluate_variant, read_variants, variants_table
     from llm.apps.prompting import load_prompted_model
     from llm.finetune.datasets import Instruction, read_instructions
@@ -167,7 +178,7 @@ def evaluate_prompts(checkpoint: str, prompts: str, data: list[str] | None, out_
     variants = read_variants(prompts)
     records = load_examples(FinetuneConfig(task="instruct", init_from=checkpoint, data=data), read_instructions)
     single_turn = [r for r in records if isinstance(r, Instruction)]
-    records = single_turn[: 30 if answer_count is None else answer_count]
+    records = single_turn[:answer_count]
     if not records:
         raise ValueError(f"--data {' '.join(data)}: no single-turn instruction records to compare prompts on")
     model = load_prompted_model(checkpoint, device, use_fused, max_new_tokens=max_new_tokens)
@@ -182,6 +193,7 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
                       max_new_tokens: int = 64, use_fused: bool = False) -> tuple[dict, str]:  # fmt: skip
     """Arithmetic accuracy with and without the calculator on the held-out arithmetic-tools
     questions (the fine-tune's own test split); writes tool_use.json to out_dir."""
+    answer_count = records_to_answer(answer_count, 100, "--tool-use")
     from llm.apps.guardrails import Policy
     from llm.apps.prompting import load_prompted_model
     from llm.apps.tool_use import arithmetic_accuracy
@@ -198,7 +210,7 @@ def evaluate_tool_use(checkpoint: str, out_dir: str | None, device: str = "auto"
     cfg = FinetuneConfig(task="instruct", init_from=checkpoint, data=[ARITHMETIC_DATASET],
                          val_fraction=saved.get("val_fraction", 0.1), test_fraction=saved.get("test_fraction", 0.1))
     records = split_examples(load_examples(cfg, read_instructions), cfg.val_fraction, cfg.test_fraction,
-                             SPLIT_SEED)["test"][: 100 if answer_count is None else answer_count]  # fmt: skip
+                             SPLIT_SEED)["test"][:answer_count]  # fmt: skip
     tools = ToolRegistry([CALCULATOR])
     results = {"with calculator": arithmetic_accuracy(model, records, tools, Policy().max_tool_calls),
                "without": arithmetic_accuracy(model, records, None)}  # fmt: skip
@@ -227,8 +239,6 @@ def main(argv: list[str] | None = None) -> None:
                if name not in RUN_OPTIONS[run] and value != parser.get_default(name)]  # fmt: skip
     if ignored:
         parser.error(f"{', '.join('--' + name.replace('_', '-') for name in ignored)}: not used by {run}")
-    if args.answer_count == 0 and run != "the task's report":  # the task's report still measures its loss
-        parser.error(f"--answer-count: {run} needs at least 1 record to answer, got 0")
     with torch.no_grad():
         if args.prompts:
             _, table = evaluate_prompts(args.checkpoint, args.prompts, args.data, args.out_dir, args.device,
