@@ -93,7 +93,8 @@ class RequestRecord:
                 "time_to_first_token_s": None if self.first_token_s is None else round(self.first_token_s, 4),
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "finish_reason": one_or_list([self.finish_reasons[i] for i in sorted(self.finish_reasons)]),
-                "stream": self.stream, "choices": self.choices, "user_hash": self.user_hash, "key_id": self.key_id, "client_address": self.client_address, "refusal": self.refusal}
+                "stream": self.stream, "choices": self.choices, "user_hash": self.user_hash,
+                "key_id": self.key_id, "client_address": self.client_address, "refusal": self.refusal}
         if log_content:
             line["prompt"] = self.prompt
             line["completion"] = one_or_list(["".join(self.completions[i]) for i in sorted(self.completions)])
