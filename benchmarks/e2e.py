@@ -137,14 +137,8 @@ def _transformers_model(item: dict, device: str):
     return model, loss_of, {**model.config.to_dict(), "attn_implementation": model.config._attn_implementation}
 
 
-def flops_per_token(parameters: int, position_embeddings: int, n_layer: int, seq: int, n_embd: int) -> float:
-    """Training FLOPs per token, as llm.model.GPT.flops_per_token counts them (the PaLM
-    estimate) but at the run's sequence length: 6 per weight (forward 2, backward 4; position
-    lookups cost none) plus attention scores and weighted sum, 12 * n_layer * seq * n_embd."""
-    return 6 * (parameters - position_embeddings) + 12 * n_layer * seq * n_embd
-
-
 def _train_steps(item: dict, device: str, matmul_ceiling_tflops: float | None) -> dict:
+    from llm.model import training_flops_per_token
     from llm.train import build_optimizer
 
     torch.manual_seed(0)
@@ -197,7 +191,7 @@ def _train_steps(item: dict, device: str, matmul_ceiling_tflops: float | None) -
         "tokens_per_s": tokens_per_s,
         "warmup_s": warmup_s,
         "parameters": parameters,
-        "flops_per_token": flops_per_token(parameters, position_embeddings, n_layer, seq, n_embd),
+        "flops_per_token": training_flops_per_token(parameters, position_embeddings, n_layer, seq, n_embd),
         "optimizer": "llm.train.build_optimizer",
         "config": config,
         "mfu_peak_tflops": None,

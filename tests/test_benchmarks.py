@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cli, e2e, kernels, report  # benchmarks/ runs from the checkout (pytest pythonpath ".")
+from llm.model import training_flops_per_token
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +193,7 @@ def test_a_cpu_run_trains_the_hugging_face_rows(monkeypatch):
         assert not r.get("error") and not r.get("skipped"), r
         assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and len(r["samples_ms"]) == r["steps"]
         assert r["parameters"] == stock.num_parameters() and r["config"]["n_positions"] == 256  # GPT-2's, not llm's
-        assert r["flops_per_token"] == e2e.flops_per_token(r["parameters"], 256 * 128, 4, 64, 128)
+        assert r["flops_per_token"] == training_flops_per_token(r["parameters"], 256 * 128, 4, 64, 128)
     assert [r["config"]["attn_implementation"] for r in results] == ["sdpa", "llmkernels"]  # really patched
     assert hf.stock_model("tiny").config._attn_implementation == "sdpa"  # the patch stayed on its row's model
     assert "transformers apply_llmkernels_to_gpt2" in report.headline_markdown({"records": [], "e2e": results})

@@ -190,6 +190,14 @@ class Block(nn.Module):
         return next_norm.add_and_norm(self.mlp(h), x)  # x + mlp(ln_2(x)), next_norm of it
 
 
+def training_flops_per_token(parameters: int, position_embeddings: int, n_layer: int, seq: int, n_embd: int) -> float:
+    """Training FLOPs per token of a GPT attending over `seq` tokens (the PaLM estimate): 6 per
+    weight (forward 2, backward 4; position lookups cost none) plus attention scores and
+    weighted sum, 6 * 2 * n_layer * seq * n_embd. Any GPT-2-shaped model (benchmarks/e2e.py
+    counts Hugging Face's GPT-2 with it too)."""
+    return 6 * (parameters - position_embeddings) + 12 * n_layer * seq * n_embd
+
+
 class GPT(nn.Module):
     """Token + position embeddings, n_layer blocks, final LayerNorm, tied LM head.
 
@@ -235,11 +243,10 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention
-        scores and weighted sum, 6 * 2 * n_layer * context * n_embd (the PaLM estimate)."""
+        """Training FLOPs per token over the whole context (training_flops_per_token)."""
         cfg = self.config
-        n = self.num_parameters() - self.transformer.wpe.weight.numel()  # lookups cost no FLOPs
-        return 6 * n + 12 * cfg.n_layer * cfg.context_length * cfg.n_embd
+        return training_flops_per_token(self.num_parameters(), self.transformer.wpe.weight.numel(), cfg.n_layer,
+                                        cfg.context_length, cfg.n_embd)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) -> the final LayerNorm's output (B, T, C): what the LM head reads, and
